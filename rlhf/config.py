@@ -1,0 +1,196 @@
+"""Run arguments shared by every stage, and the parser that fills dataclasses from a YAML recipe plus the command line.
+
+Precedence: dataclass defaults < YAML recipe (--config) < command-line flags. Recipe keys are checked before anything
+runs: an unknown key fails with a did-you-mean, a value of the wrong type fails naming the key and the expected type.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import sys
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+class ConfigError(ValueError):
+    """A recipe or command line that cannot run; the message says what to fix."""
+
+
+@dataclass
+class ModelArgs:
+    """Which model a stage starts from and how its LoRA adapter is shaped."""
+
+    model_name_or_path: str | None = field(
+        default=None,
+        metadata={"help": "Base model: a local folder or a hub name. Leave empty when init_from names a parent stage."},
+    )
+    init_from: str | None = field(
+        default=None,
+        metadata={"help": "Output folder of the parent stage (e.g. runs/tiny/sft); its manifest gives base and adapter."},
+    )
+    trust_remote_code: bool = field(
+        default=False, metadata={"help": "Run modelling code shipped with the model. Off unless you trust it."}
+    )
+    dtype: str = field(
+        default="float32", metadata={"help": "Weights dtype: float32, bfloat16 or float16.", "choices": ["float32", "bfloat16", "float16"]}
+    )
+    attn_implementation: str | None = field(default=None, metadata={"help": "e.g. sdpa, eager, flash_attention_2."})
+    use_lora: bool = field(default=True, metadata={"help": "Train a LoRA adapter (else full fine-tuning)."})
+    lora_r: int = field(default=16, metadata={"help": "LoRA rank."})
+    lora_alpha: int = field(default=32, metadata={"help": "LoRA scaling numerator (scale = alpha / r)."})
+    lora_dropout: float = field(default=0.0, metadata={"help": "Dropout on the LoRA branch."})
+    lora_target_modules: list[str] = field(
+        default_factory=lambda: ["all-linear"], metadata={"help": "Modules to adapt; 'all-linear' adapts every linear layer."}
+    )
+
+
+@dataclass
+class DataArgs:
+    """Where training and evaluation data come from (local JSONL/JSON/parquet file or hub dataset name)."""
+
+    train_data: str | None = field(default=None, metadata={"help": "Training data: file, folder or hub dataset name."})
+    train_split: str = field(default="train", metadata={"help": "Split to read when train_data is a hub dataset."})
+    eval_data: str | None = field(default=None, metadata={"help": "Evaluation data (same forms as train_data)."})
+    eval_split: str = field(default="test", metadata={"help": "Split to read when eval_data is a hub dataset."})
+    max_train_samples: int | None = field(default=None, metadata={"help": "Use only the first N training records."})
+    max_eval_samples: int | None = field(default=None, metadata={"help": "Use only the first N evaluation records."})
+    length_policy: str = field(
+        default="truncate",
+        metadata={"help": "Records longer than max_length: error, drop or truncate.", "choices": ["error", "drop", "truncate"]},
+    )
+    gold_reward: str | None = field(
+        default=None,
+        metadata={"help": "module:function scoring (prompt, response) when the task has a programmatic gold reward, "
+                  "e.g. rlhf.tiny.task:gold_reward. Used for reports only, never for training."},
+    )
+    gold_eval_prompts: str | None = field(
+        default=None, metadata={"help": "Prompt file to sample from after training to report the gold reward."}
+    )
+    gold_eval_samples: int = field(default=64, metadata={"help": "How many prompts the gold-reward report samples."})
+
+
+def _field_types(dataclass_types) -> dict[str, tuple[type, object]]:
+    fields: dict[str, tuple[type, object]] = {}
+    for dataclass_type in dataclass_types:
+        hints = typing.get_type_hints(dataclass_type)
+        for dataclass_field in dataclasses.fields(dataclass_type):
+            if dataclass_field.init:
+                fields[dataclass_field.name] = (hints.get(dataclass_field.name, object), dataclass_type)
+    return fields
+
+
+def _matches_type(value, annotation) -> bool:
+    """Loose check of a YAML value against a dataclass annotation (enough to catch `lr: [1]` or `epochs: many`)."""
+    origin = typing.get_origin(annotation)
+    if annotation is typing.Any or annotation is object:
+        return True
+    if origin in (typing.Union, types.UnionType):
+        return any(_matches_type(value, arg) for arg in typing.get_args(annotation))
+    if annotation is type(None):
+        return value is None
+    if origin is typing.Literal:
+        return value in typing.get_args(annotation)
+    if origin in (list, tuple):
+        return isinstance(value, (list, tuple))
+    if origin is dict or annotation is dict:
+        return isinstance(value, (dict, str))  # TRL accepts JSON strings for dict fields
+    if annotation is bool:
+        return isinstance(value, bool)
+    if annotation is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if annotation is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if annotation is str:
+        return isinstance(value, (str, int, float))
+    if isinstance(annotation, type) and issubclass(annotation, str):  # str-valued enums (e.g. IntervalStrategy)
+        return isinstance(value, str)
+    return True
+
+
+def _describe(annotation) -> str:
+    return getattr(annotation, "__name__", None) or str(annotation).replace("typing.", "")
+
+
+def load_recipe(path: str, dataclass_types) -> dict:
+    """Read a YAML recipe and check every key and value type against the stage's dataclasses."""
+    import yaml
+
+    recipe_path = Path(path)
+    if not recipe_path.is_file():
+        raise ConfigError(f"recipe {path}: file not found")
+    try:
+        recipe = yaml.safe_load(recipe_path.read_text())
+    except yaml.YAMLError as error:
+        raise ConfigError(f"recipe {path}: not valid YAML: {error}") from None
+    if recipe is None:
+        recipe = {}
+    if not isinstance(recipe, dict):
+        raise ConfigError(f"recipe {path}: expected a mapping of key: value, got {type(recipe).__name__}")
+    known = _field_types(dataclass_types)
+    for key, value in recipe.items():
+        if key == "env":
+            if not isinstance(value, dict):
+                raise ConfigError(f"recipe {path}: 'env' must be a mapping of VARIABLE: value")
+            continue
+        if key not in known:
+            close = difflib.get_close_matches(key, list(known), n=3)
+            hint = f" Did you mean {', '.join(repr(name) for name in close)}?" if close else ""
+            raise ConfigError(f"recipe {path}: unknown key '{key}'.{hint} Run with --help to list the keys.")
+        annotation, _ = known[key]
+        if not _matches_type(value, annotation):
+            raise ConfigError(
+                f"recipe {path}: key '{key}' expects {_describe(annotation)}, got {type(value).__name__} {value!r}"
+            )
+    return recipe
+
+
+def parse_args(dataclass_types, argv: list[str] | None = None, prog: str | None = None, description: str | None = None):
+    """Fill `dataclass_types` from `--config recipe.yaml` and command-line overrides; returns one instance each."""
+    from trl import TrlParser
+
+    args = list(sys.argv[1:] if argv is None else argv)
+    # A field declared by several dataclasses (trust_remote_code is in ModelArgs and every TRL config) becomes one
+    # flag whose value fills them all.
+    parser = TrlParser(dataclass_types, prog=prog, description=description, conflict_handler="resolve")
+    parser.add_argument("--config", default=None, help="YAML recipe; command-line flags override its values.")
+    if "--config" in args:
+        index = args.index("--config")
+        if index + 1 >= len(args):
+            raise ConfigError("--config needs a recipe path")
+        recipe_path = args[index + 1]
+        del args[index : index + 2]
+        recipe = load_recipe(recipe_path, dataclass_types)
+        for name, value in recipe.pop("env", {}).items():
+            os.environ[name] = str(value)
+        parser.set_defaults_with_config(**recipe)
+    namespace = vars(parser.parse_args(args))
+    instances = []
+    for dataclass_type in dataclass_types:
+        names = {item.name for item in dataclasses.fields(dataclass_type) if item.init}
+        instances.append(dataclass_type(**{name: value for name, value in namespace.items() if name in names}))
+    return tuple(instances)
+
+
+def to_plain_dict(instance) -> dict:
+    """A JSON-safe dict of a config dataclass, for manifests and hashing."""
+    if hasattr(instance, "to_dict"):  # transformers TrainingArguments hides secrets (hub tokens) in to_dict
+        values = instance.to_dict()
+    else:
+        values = dataclasses.asdict(instance)
+    return {key: _json_safe(value) for key, value in values.items()}
+
+
+def _json_safe(value):
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    if isinstance(value, dict):
+        return {str(key): _json_safe(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple, set)):
+        return [_json_safe(item) for item in value]
+    if hasattr(value, "value"):  # enums
+        return _json_safe(value.value)
+    return str(value)

@@ -1,0 +1,98 @@
+"""Direct preference optimisation with a LoRA adapter (TRL DPOTrainer) on the SFT stage's policy.
+
+    rlhf dpo --config recipes/tiny/dpo.yaml
+    accelerate launch --config_file recipes/accelerate/cpu.yaml -m rlhf.dpo --config recipes/tiny/dpo.yaml
+
+The reference model is the SFT policy itself: the SFT adapter is merged into the base, a new DPO adapter is trained
+on top, and the reference log-probs come from the same model with the DPO adapter disabled. One copy of the weights
+is in memory. Every TRL loss is available (loss_type: sigmoid, ipo, hinge, robust, apo_zero, ...; several with
+loss_weights), with beta, label_smoothing and precompute_ref_log_probs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from trl import DPOConfig
+
+from rlhf.config import DataArgs, ModelArgs, parse_args
+from rlhf.stage import (
+    NonFiniteLossGuard,
+    finish_stage,
+    hold_output_lock,
+    load_gold_prompts,
+    prepare_checkpoints,
+    require,
+    training_metrics,
+)
+
+STAGE = "dpo"
+PARENT_STAGES = ("sft", "dpo")
+REFERENCE = "parent policy (parent adapter merged into the base) with this stage's adapter disabled"
+
+
+@dataclass
+class DPOStageArgs:
+    save_merged: bool = field(default=True, metadata={"help": "Also write <output_dir>/merged (base + adapters merged)."})
+
+
+ARG_TYPES = (ModelArgs, DataArgs, DPOConfig, DPOStageArgs)
+
+
+def main(argv: list[str] | None = None):
+    # Config
+    model_args, data_args, training_args, stage_args = parse_args(ARG_TYPES, argv, prog="rlhf dpo", description=__doc__)
+    require(data_args.train_data, "train_data", STAGE)
+    output_dir = training_args.output_dir
+    lock = hold_output_lock(output_dir)  # noqa: F841  (held until the process ends)
+    resume_from = prepare_checkpoints(training_args, output_dir)
+
+    # Data
+    from rlhf import data
+
+    train_pairs = data.load_preferences(data_args.train_data, data_args.train_split)[: data_args.max_train_samples]
+    eval_pairs = (
+        data.load_preferences(data_args.eval_data, data_args.eval_split)[: data_args.max_eval_samples]
+        if data_args.eval_data else None
+    )
+    gold_prompts = load_gold_prompts(data_args)
+
+    # Model: one model; the reference is this model with the DPO adapter switched off.
+    from rlhf.models import load_start_model, lora_config
+
+    model, tokenizer, base_model, parent = load_start_model(model_args, PARENT_STAGES)
+    if training_args.max_length:
+        train_pairs = data.check_lengths(train_pairs, tokenizer, training_args.max_length, data_args.train_data, "preference", data_args.length_policy)
+
+    # Trainer
+    from trl import DPOTrainer
+
+    trainer = DPOTrainer(
+        model=model,
+        ref_model=None,
+        args=training_args,
+        train_dataset=data.to_dataset(train_pairs),
+        eval_dataset=data.to_dataset(eval_pairs) if eval_pairs else None,
+        processing_class=tokenizer,
+        peft_config=lora_config(model_args),
+        callbacks=[NonFiniteLossGuard()],
+    )
+    train_result = trainer.train(resume_from_checkpoint=resume_from)
+    metrics = training_metrics(trainer, train_result)
+    if eval_pairs:
+        evaluation = trainer.evaluate()
+        metrics.update({key: value for key, value in evaluation.items() if key.startswith("eval_")})
+
+    # Save
+    reference = REFERENCE if model_args.use_lora else "separate frozen copy of the parent policy (full fine-tuning)"
+    return finish_stage(
+        trainer, STAGE, output_dir, model_args, data_args=data_args, training_args=training_args,
+        base_model=base_model, parent=parent, metrics=metrics,
+        extra={"reference": reference, "parent_adapter": "merged" if parent else None,
+               "loss_type": list(training_args.loss_type), "beta": training_args.beta},
+        stage_args=stage_args, save_merged=stage_args.save_merged, gold_prompts=gold_prompts,
+    )
+
+
+if __name__ == "__main__":
+    main()

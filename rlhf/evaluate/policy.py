@@ -1,0 +1,245 @@
+"""Policy evaluation: sample responses to held-out prompts and score them.
+
+    rlhf eval-policy --policy runs/tiny/dpo --prompts data/tiny/prompts_test.jsonl
+    rlhf eval-policy --policy runs/tiny/dpo runs/tiny/ppo --reference runs/tiny/sft --reward-model runs/tiny/reward \
+        --prompts data/tiny/prompts_test.jsonl --out runs/tiny/eval_policy
+
+For each policy: mean gold reward (when the task has one) with a 95% CI, win-rate against the reference judged by
+the reward model and by the gold reward, KL(policy || reference) on the policy's own samples, response length and
+EOS rate, and samples side by side. The gold-reward check also runs at the end of every policy stage, so each
+manifest records how good its policy really is.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import math
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from rlhf.config import ConfigError, ModelArgs, parse_args
+from rlhf.data import prompt_text
+from rlhf.generation import encode_prompts, generate, response_logprobs
+
+
+def load_gold_reward(spec: str) -> Callable[[str, str], float]:
+    """Import a gold reward given as 'package.module:function'."""
+    module_name, _, function_name = spec.partition(":")
+    if not module_name or not function_name:
+        raise ConfigError(f"gold_reward {spec!r}: expected 'package.module:function'")
+    try:
+        return getattr(importlib.import_module(module_name), function_name)
+    except (ImportError, AttributeError) as error:
+        raise ConfigError(f"gold_reward {spec!r}: cannot import it ({error})") from None
+
+
+def mean_with_interval(values: list[float]) -> dict:
+    """Mean and a normal-approximation 95% confidence interval."""
+    n = len(values)
+    mean = sum(values) / n
+    variance = sum((value - mean) ** 2 for value in values) / max(n - 1, 1)
+    half_width = 1.96 * math.sqrt(variance / n)
+    return {"mean": mean, "ci95": [mean - half_width, mean + half_width], "n": n}
+
+
+def win_rate(scores: list[float], other_scores: list[float]) -> dict:
+    """How often a score beats its paired other score (a tie counts half), with a 95% CI."""
+    wins = [1.0 if a > b else 0.5 if a == b else 0.0 for a, b in zip(scores, other_scores)]
+    return mean_with_interval(wins)
+
+
+def sample_responses(model, tokenizer, prompts: list[list[dict]], batch_size: int = 32, max_new_tokens: int = 64,
+                     temperature: float = 1.0, top_p: float = 1.0, do_sample: bool = True, seed: int = 0,
+                     reference_model=None) -> dict:
+    """Responses (text), EOS flags and token lengths for each prompt, with a fixed sampling seed. With a reference
+    model, also the per-sequence KL estimate sum_t [log pi(y_t) - log pi_ref(y_t)] on these samples."""
+    torch.manual_seed(seed)
+    random.seed(seed)
+    tokenizer.padding_side = "left"
+    texts, ended, lengths, kl = [], [], [], []
+    encoded = encode_prompts(tokenizer, prompts)
+    for start in range(0, len(encoded), batch_size):
+        batch = generate(model, tokenizer, encoded[start:start + batch_size], max_new_tokens=max_new_tokens,
+                         temperature=temperature, top_p=top_p, do_sample=do_sample)
+        texts += batch.texts
+        ended += batch.ended.tolist()
+        lengths += batch.response_mask.sum(dim=1).tolist()
+        if reference_model is not None:
+            with torch.no_grad():
+                sequence = (batch.prompt_ids, batch.prompt_mask, batch.response_ids, batch.response_mask)
+                policy_logprobs = response_logprobs(model, *sequence)
+                reference_logprobs = response_logprobs(reference_model, *sequence)
+            kl += (policy_logprobs - reference_logprobs).sum(dim=1).tolist()
+    return {"texts": texts, "ended": ended, "lengths": lengths, "kl": kl}
+
+
+def gold_report(model, tokenizer, prompts: list[list[dict]], gold_reward: Callable[[str, str], float], **sampling) -> dict:
+    """Mean gold reward (with CI), EOS rate and response length of the policy's samples."""
+    samples = sample_responses(model, tokenizer, prompts, **sampling)
+    rewards = [gold_reward(prompt_text(prompt), text) for prompt, text in zip(prompts, samples["texts"])]
+    report = summarise(samples, {"gold": rewards})
+    report["examples"] = [{"prompt": prompt_text(prompt), "response": text, "gold_reward": reward}
+                          for prompt, text, reward in list(zip(prompts, samples["texts"], rewards))[:5]]
+    return report
+
+
+@dataclass
+class EvalPolicyArgs:
+    policy: list[str] = field(default_factory=list, metadata={"help": "Policy stage folder(s) to evaluate."})
+    prompts: str | None = field(default=None, metadata={"help": "Held-out prompts: file, folder or dataset name."})
+    split: str = field(default="test", metadata={"help": "Split to read when prompts is a dataset or folder."})
+    reference: str | None = field(default=None, metadata={"help": "Reference stage folder (default: the first "
+                                                           "policy's parent, e.g. the SFT stage)."})
+    reward_model: str | None = field(default=None, metadata={"help": "Reward stage folder judging win-rates."})
+    gold_reward: str | None = field(default=None, metadata={"help": "module:function gold reward (default: the one "
+                                                             "the policy's recipe names, if any)."})
+    out: str | None = field(default=None, metadata={"help": "Report folder (default: <first policy>/eval_policy)."})
+    max_samples: int = field(default=128, metadata={"help": "Prompts to sample."})
+    max_new_tokens: int = field(default=64, metadata={"help": "Longest response sampled."})
+    temperature: float = field(default=1.0, metadata={"help": "Sampling temperature."})
+    top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling threshold."})
+    batch_size: int = field(default=32, metadata={"help": "Prompts per generation batch."})
+    seed: int = field(default=0, metadata={"help": "Sampling seed (the same for every model)."})
+    n_examples: int = field(default=8, metadata={"help": "Samples shown side by side in report.md."})
+    dtype: str = field(default="float32", metadata={"help": "float32, bfloat16 or float16."})
+    trust_remote_code: bool = field(default=False, metadata={"help": "Run modelling code shipped with the model."})
+
+
+ARG_TYPES = (EvalPolicyArgs,)
+
+
+def compare_policies(policies: dict[str, object], tokenizer, prompts: list[list[dict]], reference=None,
+                     reward_model=None, reward_tokenizer=None, gold: Callable[[str, str], float] | None = None,
+                     n_examples: int = 8, **sampling) -> dict:
+    """Sample every policy (and the reference) on the same prompts with the same seed; score and compare."""
+    from rlhf.evaluate.scoring import score_conversations
+
+    def score(texts):
+        results = {}
+        if gold is not None:
+            results["gold"] = [gold(prompt_text(prompt), text) for prompt, text in zip(prompts, texts)]
+        if reward_model is not None:
+            conversations = [prompt + [{"role": "assistant", "content": text}] for prompt, text in zip(prompts, texts)]
+            results["rm"] = score_conversations(reward_model, reward_tokenizer, conversations, show_progress=False)[0]
+        return results
+
+    reference_samples = sample_responses(reference, tokenizer, prompts, **sampling) if reference is not None else None
+    reference_scores = score(reference_samples["texts"]) if reference_samples else {}
+    report: dict = {"n_prompts": len(prompts), "sampling": sampling, "policies": {}}
+    if reference_samples:
+        report["reference"] = summarise(reference_samples, reference_scores)
+    for name, policy in policies.items():
+        samples = sample_responses(policy, tokenizer, prompts, reference_model=reference, **sampling)
+        scores = score(samples["texts"])
+        summary = summarise(samples, scores)
+        if reference_samples:
+            for key in scores:
+                summary[f"win_rate_vs_reference_{key}"] = win_rate(scores[key], reference_scores[key])
+        summary["examples"] = [
+            {"prompt": prompt_text(prompts[i]), "policy": samples["texts"][i],
+             "reference": reference_samples["texts"][i] if reference_samples else None,
+             **{f"policy_{key}": values[i] for key, values in scores.items()},
+             **{f"reference_{key}": values[i] for key, values in reference_scores.items()}}
+            for i in range(min(n_examples, len(prompts)))
+        ]
+        report["policies"][name] = summary
+    return report
+
+
+def summarise(samples: dict, scores: dict) -> dict:
+    n = len(samples["texts"])
+    summary = {
+        "response_length": sum(samples["lengths"]) / n,
+        "eos_rate": sum(samples["ended"]) / n,
+    }
+    if samples.get("kl"):
+        summary["kl_to_reference"] = mean_with_interval(samples["kl"])
+    if "gold" in scores:
+        summary["gold_reward"] = mean_with_interval(scores["gold"])
+    if "rm" in scores:
+        summary["reward_model_score"] = mean_with_interval(scores["rm"])
+    return summary
+
+
+def _interval(value: dict | None) -> str:
+    if not value:
+        return "n/a"
+    return f"{value['mean']:.3f} [{value['ci95'][0]:.3f}, {value['ci95'][1]:.3f}]"
+
+
+def report_markdown(report: dict, reference_name: str | None) -> str:
+    names = list(report["policies"])
+    rows = [("gold reward", "gold_reward"), ("reward-model score", "reward_model_score"),
+            ("win-rate vs reference (reward model)", "win_rate_vs_reference_rm"),
+            ("win-rate vs reference (gold)", "win_rate_vs_reference_gold"), ("KL(policy ‖ reference)", "kl_to_reference")]
+    lines = ["# Policy evaluation", "", f"{report['n_prompts']} held-out prompts, sampling {report['sampling']}.",
+             f"Reference: {reference_name or 'none'}. Values are means with 95% confidence intervals.", "",
+             "| metric | " + (("reference | " if "reference" in report else "")) + " | ".join(names) + " |",
+             "|---|" + ("---|" if "reference" in report else "") + "---|" * len(names)]
+    for label, key in rows:
+        cells = [_interval(report["policies"][name].get(key)) for name in names]
+        if all(cell == "n/a" for cell in cells) and not (report.get("reference") or {}).get(key):
+            continue
+        reference_cell = [_interval(report["reference"].get(key))] if "reference" in report else []
+        lines.append(f"| {label} | " + " | ".join(reference_cell + cells) + " |")
+    for label, key in [("response length (tokens)", "response_length"), ("EOS rate", "eos_rate")]:
+        reference_cell = [f"{report['reference'][key]:.3f}"] if "reference" in report else []
+        lines.append(f"| {label} | " + " | ".join(reference_cell + [f"{report['policies'][n][key]:.3f}" for n in names]) + " |")
+    for name in names:
+        lines += ["", f"## Samples: {name}", "", "| prompt | reference | policy |", "|---|---|---|"]
+        for example in report["policies"][name]["examples"]:
+            def cell(text, score_key):
+                score = example.get(score_key)
+                suffix = f" (gold {score:.2f})" if isinstance(score, float) else ""
+                return (str(text or "")[:200] + suffix).replace("|", "\\|").replace("\n", " ")
+            lines.append(f"| {cell(example['prompt'], None)} | {cell(example['reference'], 'reference_gold')} | "
+                         f"{cell(example['policy'], 'policy_gold')} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> dict:
+    (args,) = parse_args(ARG_TYPES, argv, prog="rlhf eval-policy", description=__doc__)
+    if not args.policy:
+        raise ConfigError("eval-policy: give at least one --policy stage folder")
+    if not args.prompts:
+        raise ConfigError("eval-policy: --prompts is required (a prompt file, folder or dataset name)")
+
+    from rlhf.data import load_prompts
+    from rlhf.evaluate.rm import load_reward_model
+    from rlhf.manifest import atomic_write, read_manifest
+    from rlhf.models import load_stage_output, stage_tokenizer
+
+    prompts = [record["prompt"] for record in load_prompts(args.prompts, args.split)][: args.max_samples]
+    model_args = ModelArgs(dtype=args.dtype, trust_remote_code=args.trust_remote_code)
+    manifests = {path: read_manifest(path) for path in args.policy}
+    first = manifests[args.policy[0]]
+    reference_path = args.reference or first.parent
+    gold_spec = args.gold_reward or first.config.get("data", {}).get("gold_reward")
+
+    policies = {path: load_stage_output(manifest, model_args).eval() for path, manifest in manifests.items()}
+    tokenizer = stage_tokenizer(first, model_args)
+    reference = load_stage_output(read_manifest(reference_path), model_args).eval() if reference_path else None
+    reward_model, reward_tokenizer = load_reward_model(args.reward_model, model_args) if args.reward_model else (None, None)
+    report = compare_policies(
+        policies, tokenizer, prompts, reference=reference, reward_model=reward_model, reward_tokenizer=reward_tokenizer,
+        gold=load_gold_reward(gold_spec) if gold_spec else None, n_examples=args.n_examples,
+        batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+        top_p=args.top_p, seed=args.seed,
+    )
+    report["reference_path"] = reference_path
+    report["reward_model_path"] = args.reward_model
+    report["gold_reward_spec"] = gold_spec
+    out_dir = Path(args.out or Path(args.policy[0]) / "eval_policy")
+    atomic_write(out_dir / "report.json", json.dumps(report, indent=2) + "\n")
+    atomic_write(out_dir / "report.md", report_markdown(report, reference_path))
+    for name, summary in report["policies"].items():
+        gold_text = f"gold {_interval(summary.get('gold_reward'))}, " if "gold_reward" in summary else ""
+        kl_text = f"KL {_interval(summary.get('kl_to_reference'))}, " if "kl_to_reference" in summary else ""
+        print(f"[rlhf] {name}: {gold_text}{kl_text}EOS rate {summary['eos_rate']:.2f}")
+    print(f"[rlhf] report -> {out_dir / 'report.md'}")
+    return report

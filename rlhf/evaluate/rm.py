@@ -1,0 +1,113 @@
+"""Evaluate one or more reward models on preference pairs: accuracy (with CI), margins, calibration, subsets, length
+bias, worst pairs, plots, and a per-pair scores file.
+
+    rlhf eval-rm --model runs/tiny/reward --data data/tiny/prefs_test.jsonl --out runs/tiny/eval_rm
+    rlhf eval-rm --model runs/a/reward runs/b/reward --data data/tiny/prefs_test.jsonl --out runs/compare_rm
+    accelerate launch --config_file recipes/accelerate/cpu_2proc.yaml -m rlhf.evaluate.rm --model ... --data ...
+
+A model is a stage folder (with manifest.json) or a sequence-classification model folder. Data may be any
+preference layout the data layer reads: explicit or implicit prompt, HH-RLHF raw text, RewardBench (subset column).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from rlhf.config import ConfigError, ModelArgs, parse_args
+
+
+@dataclass
+class EvalRMArgs:
+    model: list[str] = field(default_factory=list, metadata={"help": "Reward model(s): stage folder or model folder."})
+    data: str | None = field(default=None, metadata={"help": "Preference pairs: file, folder or hub dataset name."})
+    split: str = field(default="test", metadata={"help": "Split to read when data is a hub dataset or folder."})
+    out: str | None = field(default=None, metadata={"help": "Report folder (default: <model>/eval_rm)."})
+    max_samples: int | None = field(default=None, metadata={"help": "Evaluate only the first N pairs."})
+    batch_size: int = field(default=32, metadata={"help": "Sequences per forward pass."})
+    n_bins: int = field(default=10, metadata={"help": "Calibration bins."})
+    n_worst: int = field(default=5, metadata={"help": "Worst-ranked pairs shown in the report."})
+    plots: bool = field(default=True, metadata={"help": "Write PNG plots."})
+    dtype: str = field(default="float32", metadata={"help": "float32, bfloat16 or float16."})
+    trust_remote_code: bool = field(default=False, metadata={"help": "Run modelling code shipped with the model."})
+
+
+ARG_TYPES = (EvalRMArgs,)
+
+
+def load_reward_model(path: str, model_args: ModelArgs):
+    """A reward stage folder (by manifest) or a sequence-classification model folder, with its tokenizer."""
+    from rlhf.manifest import MANIFEST_NAME, read_manifest
+    from rlhf.models import REWARD, load_pretrained, load_stage_output, load_tokenizer, stage_head, stage_tokenizer
+
+    if (Path(path) / MANIFEST_NAME).is_file():
+        manifest = read_manifest(path)
+        if stage_head(manifest) != REWARD:
+            raise ConfigError(f"{path} is the output of stage '{manifest.stage}', not a reward model")
+        return load_stage_output(manifest, model_args), stage_tokenizer(manifest, model_args)
+    config_path = Path(path) / "config.json"
+    if config_path.is_file():
+        architectures = json.loads(config_path.read_text()).get("architectures") or []
+        if not any(name.endswith("ForSequenceClassification") for name in architectures):
+            raise ConfigError(f"{path} is a {', '.join(architectures) or 'model'} checkpoint, not a reward model "
+                              "(expected a *ForSequenceClassification model or an rlhf reward stage folder)")
+    return load_pretrained(path, model_args, REWARD), load_tokenizer(path, model_args.trust_remote_code)
+
+
+def evaluate_reward_model(path: str, pairs: list[dict], args: EvalRMArgs, accelerator=None) -> dict | None:
+    """Score every pair and build the report (main process only; None elsewhere)."""
+    from rlhf.evaluate.rm_report import build_report, pair_rows
+    from rlhf.evaluate.scoring import score_pairs
+
+    model_args = ModelArgs(dtype=args.dtype, trust_remote_code=args.trust_remote_code)
+    reward_model, tokenizer = load_reward_model(path, model_args)
+    if accelerator is not None:
+        reward_model = reward_model.to(accelerator.device)
+    scores = score_pairs(reward_model, tokenizer, pairs, args.batch_size, accelerator)
+    if accelerator is not None and not accelerator.is_main_process:
+        return None
+    report = build_report(pairs, scores["chosen"], scores["rejected"], n_bins=args.n_bins, n_worst=args.n_worst,
+                          chosen_lengths=scores["chosen_lengths"], rejected_lengths=scores["rejected_lengths"])
+    report["model"] = path
+    return {"report": report, "rows": pair_rows(pairs, scores["chosen"], scores["rejected"])}
+
+
+def main(argv: list[str] | None = None) -> dict | None:
+    (args,) = parse_args(ARG_TYPES, argv, prog="rlhf eval-rm", description=__doc__)
+    if not args.model:
+        raise ConfigError("eval-rm: give at least one --model (a reward stage folder or model folder)")
+    if not args.data:
+        raise ConfigError("eval-rm: --data is required (a preference file, folder or dataset name)")
+
+    from accelerate import Accelerator
+
+    from rlhf.data import load_preferences
+    from rlhf.evaluate.rm_report import write_comparison, write_report
+
+    pairs = load_preferences(args.data, args.split)[: args.max_samples]
+    accelerator = Accelerator()
+    out_dir = Path(args.out or Path(args.model[0]) / "eval_rm")
+    results = {}
+    for path in args.model:
+        # With several models, each gets a sub-folder named after its folder.
+        model_out = out_dir if len(args.model) == 1 else out_dir / Path(path).resolve().name
+        result = evaluate_reward_model(path, pairs, args, accelerator)
+        if result is None:
+            continue
+        files = write_report(result["report"], model_out, result["rows"], title=f"Reward model evaluation: {path}",
+                             plots=args.plots)
+        results[path] = result["report"]
+        accuracy = result["report"]["accuracy"]
+        print(f"[rlhf] {path}: accuracy {accuracy['mean']:.3f} (95% CI {accuracy['ci95'][0]:.3f}-"
+              f"{accuracy['ci95'][1]:.3f}) on {len(pairs)} pairs -> {files['markdown']}")
+    if accelerator.is_main_process and len(args.model) > 1:
+        names = {path: Path(path).resolve().name for path in args.model}
+        comparison = write_comparison({names[path]: report for path, report in results.items()}, out_dir)
+        print(f"[rlhf] comparison -> {comparison}")
+    accelerator.wait_for_everyone()
+    return results if accelerator.is_main_process else None
+
+
+if __name__ == "__main__":
+    main()

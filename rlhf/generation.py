@@ -1,0 +1,119 @@
+"""Batched sampling from a causal LM: left-padded prompts, KV cache, responses cut after the first EOS.
+
+Shared by the gold-reward checks of every stage, policy evaluation and PPO rollouts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class Generation:
+    prompt_ids: torch.Tensor  # (batch, prompt_len), left-padded
+    prompt_mask: torch.Tensor  # (batch, prompt_len)
+    response_ids: torch.Tensor  # (batch, response_len), pad after the first EOS
+    response_mask: torch.Tensor  # (batch, response_len), 1 up to and including the first EOS
+    ended: torch.Tensor  # (batch,) bool: the response stopped with EOS inside max_new_tokens
+    texts: list[str]  # decoded responses without special tokens
+
+
+def encode_prompts(tokenizer, prompts: list[list[dict]]) -> list[list[int]]:
+    """Render conversational prompts with the chat template, ready for the assistant's turn."""
+    encoded = []
+    for messages in prompts:
+        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
+        encoded.append(list(ids))
+    return encoded
+
+
+def pad_batch(sequences: list[list[int]], pad_id: int, side: str = "left") -> tuple[torch.Tensor, torch.Tensor]:
+    """Stack token lists into (ids, attention mask); left padding for generation, right for scoring/training."""
+    width = max(len(sequence) for sequence in sequences)
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, sequence in enumerate(sequences):
+        columns = slice(width - len(sequence), width) if side == "left" else slice(0, len(sequence))
+        ids[row, columns] = torch.tensor(sequence, dtype=torch.long)
+        mask[row, columns] = 1
+    return ids, mask
+
+
+def stop_token_ids(tokenizer, model) -> list[int]:
+    ids = {tokenizer.eos_token_id}
+    configured = getattr(model.generation_config, "eos_token_id", None) if model.generation_config else None
+    if configured is not None:
+        ids.update(configured if isinstance(configured, list) else [configured])
+    return sorted(ids)
+
+
+def truncate_after_stop(response_ids: torch.Tensor, stop_ids: list[int], pad_id: int):
+    """Mask everything after the first stop token; return (ids with pad after stop, mask, ended)."""
+    is_stop = torch.isin(response_ids, torch.tensor(stop_ids, device=response_ids.device))
+    ended = is_stop.any(dim=1)
+    # Index of the first stop token, or the full length when there is none.
+    first_stop = torch.where(ended, is_stop.int().argmax(dim=1), torch.full_like(ended, response_ids.shape[1], dtype=torch.long))
+    positions = torch.arange(response_ids.shape[1], device=response_ids.device).unsqueeze(0)
+    mask = (positions <= first_stop.unsqueeze(1)).long()
+    return response_ids.masked_fill(mask == 0, pad_id), mask, ended
+
+
+@torch.no_grad()
+def generate(
+    model,
+    tokenizer,
+    prompt_ids: list[list[int]],
+    max_new_tokens: int = 64,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    do_sample: bool = True,
+) -> Generation:
+    device = next(model.parameters()).device
+    ids, mask = pad_batch(prompt_ids, tokenizer.pad_token_id, side="left")
+    ids, mask = ids.to(device), mask.to(device)
+    stops = stop_token_ids(tokenizer, model)
+    sampling = dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=0) if do_sample else dict(do_sample=False)
+    was_training = model.training
+    model.eval()
+    output = model.generate(
+        input_ids=ids,
+        attention_mask=mask,
+        max_new_tokens=max_new_tokens,
+        eos_token_id=stops,
+        pad_token_id=tokenizer.pad_token_id,
+        use_cache=True,
+        **sampling,
+    )
+    model.train(was_training)
+    response_ids, response_mask, ended = truncate_after_stop(output[:, ids.shape[1]:], stops, tokenizer.pad_token_id)
+    texts = tokenizer.batch_decode(response_ids.masked_fill(response_mask == 0, tokenizer.pad_token_id), skip_special_tokens=True)
+    return Generation(ids, mask, response_ids, response_mask, ended, texts)
+
+
+def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions that skip left padding, as generate() uses, so scoring a sampled sequence sees the same positions."""
+    return (attention_mask.cumsum(dim=1) - 1).clamp(min=0)
+
+
+def token_logprobs(logits: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
+    """log softmax(logits)[token] without materialising the full log-softmax (large vocabularies)."""
+    picked = torch.gather(logits, 2, token_ids.unsqueeze(-1)).squeeze(-1)
+    return picked - torch.logsumexp(logits, dim=-1)
+
+
+def response_logprobs(model, prompt_ids, prompt_mask, response_ids, response_mask, temperature: float = 1.0,
+                      return_logits: bool = False):
+    """Per-token log-probs of each response given its prompt, at the sampling temperature; 0 where masked.
+
+    Dividing the logits by the same temperature used for sampling makes these the log-probs of the distribution
+    the responses were actually drawn from (a PPO ratio against anything else is biased)."""
+    input_ids = torch.cat([prompt_ids, response_ids], dim=1)
+    attention_mask = torch.cat([prompt_mask, response_mask], dim=1)
+    output = model(input_ids=input_ids, attention_mask=attention_mask,
+                   position_ids=position_ids_from_mask(attention_mask), use_cache=False)
+    # The logit at position t predicts token t+1: responses are predicted from the last prompt column on.
+    logits = output.logits[:, prompt_ids.shape[1] - 1 : -1].float() / temperature
+    logprobs = token_logprobs(logits, response_ids) * response_mask
+    return (logprobs, logits) if return_logits else logprobs

@@ -1,0 +1,186 @@
+"""The only place that loads models: base models, tokenizers, LoRA adapters, merges, and stage outputs.
+
+Safe by default: weights load as safetensors only, and modelling code shipped with a model runs only when the recipe
+sets trust_remote_code.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from rlhf.config import ConfigError, ModelArgs
+from rlhf.manifest import Manifest, read_manifest, resolve_parent
+
+logger = logging.getLogger(__name__)
+
+PAD_CANDIDATES = ["<|pad|>", "<pad>", "[PAD]", "<|endoftext|>", "<unk>", "<|finetune_right_pad_id|>"]
+
+
+def check_model_path(path: str) -> None:
+    """A local model folder must hold a config and safetensors weights; hub names are checked by the hub loader."""
+    folder = Path(path)
+    if not folder.exists():
+        if path.startswith((".", "/", "~")) or path.count("/") != 1:
+            raise ConfigError(f"model {path}: folder not found (give a local folder or a hub name like org/model)")
+        return  # a hub name: loaded (or refused, offline) by from_pretrained
+    if not (folder / "config.json").is_file():
+        raise ConfigError(f"model {path}: no config.json in that folder; expected a save_pretrained() model folder")
+    if not list(folder.glob("*.safetensors")):
+        pickles = [file.name for file in folder.glob("*.bin")] + [file.name for file in folder.glob("*.pt")]
+        detail = f" (found pickle weights {', '.join(pickles)}; convert them to safetensors)" if pickles else ""
+        raise ConfigError(f"model {path}: no *.safetensors weights in that folder{detail}")
+
+
+def load_tokenizer(path: str, trust_remote_code: bool = False, padding_side: str = "right"):
+    """Load a tokenizer and make sure it has an EOS and a pad token distinct from EOS.
+
+    Many tokenizers ship pad == eos (SmolLM2 does). Then any mask built from `ids != pad` hides real EOS tokens and
+    the model never learns to stop, so we pick another existing special token as pad (or add one)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    if tokenizer.eos_token_id is None:
+        raise ConfigError(f"tokenizer {path}: has no eos_token; set one in its tokenizer_config.json")
+    if tokenizer.pad_token_id is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
+        vocab = tokenizer.get_vocab()
+        replacement = next(
+            (token for token in PAD_CANDIDATES if token in vocab and vocab[token] != tokenizer.eos_token_id), None
+        )
+        if replacement is None:
+            raise ConfigError(
+                f"tokenizer {path}: pad token is missing or equal to eos ({tokenizer.eos_token!r}) and no spare "
+                f"special token ({', '.join(PAD_CANDIDATES)}) exists; add a pad token to the tokenizer"
+            )
+        logger.warning("tokenizer %s: pad was %r; using %r as a distinct pad token", path, tokenizer.pad_token, replacement)
+        tokenizer.pad_token = replacement
+    tokenizer.padding_side = padding_side
+    if tokenizer.chat_template is None:
+        raise ConfigError(f"tokenizer {path}: has no chat template; use an instruct tokenizer or add chat_template.jinja")
+    return tokenizer
+
+
+def torch_dtype(name: str):
+    import torch
+
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+# What a model folder is loaded as. A stage's manifest records its head; parents are loaded with the child's head
+# (an SFT policy loads as a sequence classifier to start a reward model: same body, new score head).
+CAUSAL_LM, REWARD = "causal-lm", "reward"
+
+
+def load_pretrained(path: str, model_args: ModelArgs, head: str = CAUSAL_LM):
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    check_model_path(path)
+    kwargs = dict(dtype=torch_dtype(model_args.dtype), trust_remote_code=model_args.trust_remote_code, use_safetensors=True)
+    if model_args.attn_implementation:
+        kwargs["attn_implementation"] = model_args.attn_implementation
+    if head == REWARD:
+        return AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, **kwargs)
+    return AutoModelForCausalLM.from_pretrained(path, **kwargs)
+
+
+def load_causal_lm(path: str, model_args: ModelArgs):
+    return load_pretrained(path, model_args, CAUSAL_LM)
+
+
+def resolve_start(model_args: ModelArgs, parent_stages: tuple[str, ...]) -> tuple[str, Manifest | None]:
+    """Base model path and (if starting from a parent stage) the parent's manifest."""
+    if bool(model_args.model_name_or_path) == bool(model_args.init_from):
+        raise ConfigError("set exactly one of model_name_or_path (a base model) or init_from (a parent stage folder)")
+    if model_args.model_name_or_path:
+        check_model_path(model_args.model_name_or_path)
+        return model_args.model_name_or_path, None
+    parent = resolve_parent(model_args.init_from, parent_stages)
+    return parent.base_model, parent
+
+
+def stage_head(manifest: Manifest) -> str:
+    return manifest.extra.get("head", CAUSAL_LM)
+
+
+def load_stage_output(manifest: Manifest, model_args: ModelArgs, head: str | None = None):
+    """A finished stage's model as one plain model: its merged copy if saved, else its parent's output (or the base)
+    with its adapter merged in, recursively up the lineage."""
+    head = head or stage_head(manifest)
+    if manifest.merged_path and Path(manifest.path(manifest.merged_path)).is_dir():
+        return load_pretrained(manifest.path(manifest.merged_path), model_args, head)
+    if manifest.parent:
+        model = load_stage_output(read_manifest(manifest.parent), model_args, head)  # parent paths are absolute
+    else:
+        model = load_pretrained(manifest.base_model, model_args, head)
+    if manifest.adapter_path:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, manifest.path(manifest.adapter_path)).merge_and_unload()
+    return model
+
+
+def stage_tokenizer(manifest: Manifest, model_args: ModelArgs):
+    return load_tokenizer(manifest.path(manifest.adapter_path or manifest.merged_path), model_args.trust_remote_code)
+
+
+def load_start_model(model_args: ModelArgs, parent_stages: tuple[str, ...], head: str = CAUSAL_LM):
+    """The model a stage starts from: the base, or the parent stage's model with its adapter merged in.
+
+    Merging (instead of stacking adapters) keeps one plain model in memory: disabling the new stage's adapter then
+    gives exactly the parent policy, which is what DPO and PPO use as their reference."""
+    base_path, parent = resolve_start(model_args, parent_stages)
+    if parent is None:
+        model = load_pretrained(base_path, model_args, head)
+        tokenizer = load_tokenizer(base_path, model_args.trust_remote_code)
+    else:
+        model = load_stage_output(parent, model_args, head)
+        tokenizer = stage_tokenizer(parent, model_args)
+    model.config.pad_token_id = tokenizer.pad_token_id
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return model, tokenizer, base_path, parent
+
+
+def lora_config(model_args: ModelArgs, task_type: str = "CAUSAL_LM", modules_to_save: list[str] | None = None):
+    if not model_args.use_lora:
+        return None
+    from peft import LoraConfig
+
+    targets = model_args.lora_target_modules
+    return LoraConfig(
+        r=model_args.lora_r,
+        lora_alpha=model_args.lora_alpha,
+        lora_dropout=model_args.lora_dropout,
+        target_modules=targets[0] if targets == ["all-linear"] else targets,
+        task_type=task_type,
+        modules_to_save=modules_to_save,
+    )
+
+
+def save_merged_copy(manifest: Manifest, model_args: ModelArgs) -> str:
+    """Write <stage>/merged: the stage's policy as one plain model (base + adapters merged) with its tokenizer, so
+    any tool loads it with AutoModelForCausalLM.from_pretrained. Built from the files on disk, so it works the same
+    whatever sharding the training used."""
+    model = load_stage_output(manifest, model_args)
+    tokenizer = stage_tokenizer(manifest, model_args)
+    merged_dir = Path(manifest.path("merged"))
+    model.save_pretrained(merged_dir, safe_serialization=True)
+    tokenizer.save_pretrained(merged_dir)
+    return "merged"
+
+
+def read_adapter(adapter_dir: str):
+    """A saved LoRA adapter as (LoraConfig, tensors), read with safetensors (no pickle)."""
+    from peft import LoraConfig
+    from safetensors.torch import load_file
+
+    weights_path = Path(adapter_dir) / "adapter_model.safetensors"
+    if not weights_path.is_file():
+        raise ConfigError(f"adapter {adapter_dir}: no adapter_model.safetensors")
+    return LoraConfig.from_pretrained(adapter_dir), load_file(str(weights_path))
+
+
+def split_head_weights(tensors: dict, head_name: str = "score") -> tuple[dict, dict]:
+    """Separate a classifier head saved via modules_to_save from the LoRA weights of a reward adapter."""
+    head = {key: value for key, value in tensors.items() if f".{head_name}." in key}
+    return {key: value for key, value in tensors.items() if key not in head}, head

@@ -1,0 +1,60 @@
+"""PPO settings. Defaults follow "The N Implementation Details of RLHF with PPO" (Huang et al., 2024) where the tiny
+task does not need otherwise."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class PPOArgs:
+    output_dir: str | None = field(default=None, metadata={"help": "Stage output folder."})
+    reward_model: str | None = field(default=None, metadata={"help": "Reward stage folder (its manifest is read)."})
+    layout: str = field(
+        default="shared",
+        metadata={"help": "shared: one frozen base; policy, value and reward are LoRA adapters on it and the reference "
+                  "is the base with adapters disabled. separate: four full models (policy, reference, value, reward).",
+                  "choices": ["shared", "separate"]},
+    )
+    value_init: str = field(
+        default="reward", metadata={"help": "Initialise the value model from the reward model (adapter + head) or "
+                                    "from the policy (fresh adapter, zero head).", "choices": ["reward", "policy"]}
+    )
+    # Schedule
+    steps: int = field(default=40, metadata={"help": "PPO iterations (each: one rollout, then ppo_epochs of updates)."})
+    rollout_batch_size: int = field(default=32, metadata={"help": "Prompts per process per iteration."})
+    mini_batch_size: int = field(default=16, metadata={"help": "Rollouts per process per optimizer step."})
+    gradient_accumulation_steps: int = field(default=1, metadata={"help": "Micro-batches per mini-batch."})
+    ppo_epochs: int = field(default=4, metadata={"help": "Passes over each rollout batch."})
+    learning_rate: float = field(default=1e-3, metadata={"help": "AdamW learning rate (policy and value)."})
+    lr_scheduler: str = field(default="linear", metadata={"help": "constant or linear decay to 0.", "choices": ["constant", "linear"]})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay."})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping norm."})
+    # Rollout
+    max_new_tokens: int = field(default=48, metadata={"help": "Longest response sampled."})
+    temperature: float = field(default=1.0, metadata={"help": "Sampling temperature (also used for log-probs)."})
+    top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling threshold."})
+    # Rewards
+    kl_coef: float = field(default=0.05, metadata={"help": "Initial per-token KL penalty coefficient."})
+    kl_estimator: str = field(default="k1", metadata={"help": "k1 (log ratio) or k3 (non-negative).", "choices": ["k1", "k3"]})
+    target_kl: float | None = field(default=None, metadata={"help": "Adaptive KL: target KL per sequence (None = fixed)."})
+    kl_horizon: int = field(default=10000, metadata={"help": "Adaptive KL horizon (samples)."})
+    missing_eos_penalty: float | None = field(default=1.0, metadata={"help": "Subtracted from the score of responses "
+                                                                       "that never emit EOS."})
+    normalize_reward: bool = field(default=True, metadata={"help": "Normalise scores with the RM manifest's mean/std."})
+    reward_clip: float | None = field(default=5.0, metadata={"help": "Clip (normalised) scores to ±this."})
+    whiten_rewards: bool = field(default=False, metadata={"help": "Whiten per-token rewards (keeping their mean)."})
+    # Advantages and losses
+    gamma: float = field(default=1.0, metadata={"help": "Discount."})
+    lam: float = field(default=0.95, metadata={"help": "GAE lambda."})
+    whiten_advantages: bool = field(default=True, metadata={"help": "Whiten advantages over the global batch."})
+    cliprange: float = field(default=0.2, metadata={"help": "Policy ratio clip."})
+    cliprange_value: float = field(default=0.2, metadata={"help": "Value clip around the rollout values."})
+    vf_coef: float = field(default=0.1, metadata={"help": "Value loss weight."})
+    # Output
+    save_steps: int = field(default=10, metadata={"help": "Checkpoint every N iterations (0 = only at the end)."})
+    logging_steps: int = field(default=1, metadata={"help": "Log every N iterations."})
+    save_merged: bool = field(default=True, metadata={"help": "Also write <output_dir>/merged."})
+    seed: int = field(default=42, metadata={"help": "Seed for prompt order, sampling and initialisation."})
+    report_to: list[str] = field(default_factory=lambda: ["none"], metadata={"help": "Trackers (tensorboard, wandb, "
+                                                                               "...) or none."})

@@ -1,0 +1,197 @@
+"""The four roles PPO needs (policy, reference, value, reward) and two ways to hold them in memory.
+
+shared (default): one frozen base model (the SFT policy) carries three LoRA adapters: `default` = policy
+(trainable), `value` (trainable, + a linear value head) and `reward` (frozen, + the reward model's score head). The
+reference is the same base with every adapter disabled. One copy of the weights, whatever the number of roles.
+
+separate: four full models, as the original RLHF recipes hold them: policy (SFT copy + LoRA), reference (SFT copy),
+value (reward-model copy + LoRA + head) and reward (reward-model copy). Kept so the two can be compared.
+
+Both expose the same methods; the trainer never knows which one it has.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from rlhf.config import ConfigError, ModelArgs
+from rlhf.manifest import Manifest
+from rlhf.models import (
+    CAUSAL_LM,
+    load_stage_output,
+    lora_config,
+    read_adapter,
+    split_head_weights,
+)
+
+POLICY, VALUE, REWARD_ADAPTER = "default", "value", "reward"
+
+
+def body_of(causal_lm) -> nn.Module:
+    """The transformer without its LM head (LlamaModel inside LlamaForCausalLM): hidden states for the heads."""
+    return causal_lm.base_model
+
+
+def last_hidden(body, input_ids, attention_mask, position_ids) -> torch.Tensor:
+    return body(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False).last_hidden_state
+
+
+def head_from_weights(weights: dict | None, hidden_size: int, dtype) -> nn.Linear:
+    """A one-output linear head, from saved classifier weights or zero-initialised (a value of 0 everywhere)."""
+    head = nn.Linear(hidden_size, 1, bias=False, dtype=dtype)
+    with torch.no_grad():
+        if weights:
+            (weight,) = [tensor for key, tensor in weights.items() if key.endswith("weight")]
+            head.weight.copy_(weight.to(dtype))
+        else:
+            head.weight.zero_()
+    return head
+
+
+class SharedBaseModels(nn.Module):
+    layout = "shared"
+
+    def __init__(self, policy_base, model_args: ModelArgs, reward: Manifest, value_init: str):
+        super().__init__()
+        from peft import get_peft_model, set_peft_model_state_dict
+
+        if not reward.adapter_path:
+            raise ConfigError("layout 'shared' needs a reward model trained as a LoRA adapter; use layout: separate")
+        self.model = get_peft_model(policy_base, lora_config(model_args), adapter_name=POLICY)
+        reward_config, reward_tensors = read_adapter(reward.path(reward.adapter_path))
+        reward_lora, reward_head = split_head_weights(reward_tensors)
+        reward_config.modules_to_save, reward_config.task_type, reward_config.inference_mode = None, "CAUSAL_LM", False
+        hidden_size, dtype = policy_base.config.hidden_size, policy_base.dtype
+        self.model.add_adapter(REWARD_ADAPTER, reward_config)
+        set_peft_model_state_dict(self.model, reward_lora, adapter_name=REWARD_ADAPTER)
+        self.reward_head = head_from_weights(reward_head, hidden_size, dtype).requires_grad_(False)
+        if value_init == "reward":
+            self.model.add_adapter(VALUE, reward_config)
+            set_peft_model_state_dict(self.model, reward_lora, adapter_name=VALUE)
+            self.value_head = head_from_weights(reward_head, hidden_size, dtype)
+        else:
+            self.model.add_adapter(VALUE, lora_config(model_args))
+            self.value_head = head_from_weights(None, hidden_size, dtype)
+        self._trainable = [p for n, p in self.model.named_parameters() if f".{POLICY}." in n or f".{VALUE}." in n]
+        self._use(POLICY)
+
+    def _use(self, adapter: str) -> None:
+        # peft's set_adapter freezes every other adapter; policy and value both train, so turn them back on.
+        self.model.set_adapter(adapter)
+        for parameter in self._trainable:
+            parameter.requires_grad_(True)
+
+    def policy_parameters(self):
+        return [p for n, p in self.model.named_parameters() if f".{POLICY}." in n]
+
+    def value_parameters(self):
+        return [p for n, p in self.model.named_parameters() if f".{VALUE}." in n] + list(self.value_head.parameters())
+
+    def policy_logits(self, input_ids, attention_mask, position_ids):
+        self._use(POLICY)
+        return self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False).logits
+
+    @torch.no_grad()
+    def reference_logits(self, input_ids, attention_mask, position_ids):
+        with self.model.disable_adapter():
+            return self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False).logits
+
+    def values(self, input_ids, attention_mask, position_ids):
+        self._use(VALUE)
+        hidden = last_hidden(body_of(self.model.get_base_model()), input_ids, attention_mask, position_ids)
+        self._use(POLICY)
+        return self.value_head(hidden).squeeze(-1)
+
+    @torch.no_grad()
+    def scores(self, input_ids, attention_mask):
+        """Reward at the last real token of right-padded sequences."""
+        self._use(REWARD_ADAPTER)
+        position_ids = (attention_mask.cumsum(1) - 1).clamp(min=0)
+        hidden = last_hidden(body_of(self.model.get_base_model()), input_ids, attention_mask, position_ids)
+        self._use(POLICY)
+        last = attention_mask.sum(1) - 1
+        return self.reward_head(hidden[torch.arange(len(last)), last]).squeeze(-1).float()
+
+    @torch.no_grad()
+    def generate(self, **kwargs):
+        self._use(POLICY)
+        return self.model.generate(**kwargs)
+
+    def policy_for_saving(self):
+        return self.model  # save_pretrained(selected_adapters=[POLICY]) writes a plain adapter folder
+
+    @property
+    def generation_config(self):
+        return self.model.generation_config
+
+
+class SeparateModels(nn.Module):
+    layout = "separate"
+
+    def __init__(self, policy_base, reference, reward_model, model_args: ModelArgs, value_init: str, value_body):
+        super().__init__()
+        from peft import get_peft_model
+
+        self.policy = get_peft_model(policy_base, lora_config(model_args))
+        self.reference = reference.requires_grad_(False).eval()
+        self.reward_model = reward_model.requires_grad_(False).eval()
+        self.value_model = get_peft_model(value_body, lora_config(model_args))
+        hidden_size, dtype = policy_base.config.hidden_size, policy_base.dtype
+        score = reward_model.score.weight.detach().clone() if value_init == "reward" else None
+        self.value_head = head_from_weights({"weight": score} if score is not None else None, hidden_size, dtype)
+
+    def policy_parameters(self):
+        return [p for p in self.policy.parameters() if p.requires_grad]
+
+    def value_parameters(self):
+        return [p for p in self.value_model.parameters() if p.requires_grad] + list(self.value_head.parameters())
+
+    def policy_logits(self, input_ids, attention_mask, position_ids):
+        return self.policy(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False).logits
+
+    @torch.no_grad()
+    def reference_logits(self, input_ids, attention_mask, position_ids):
+        return self.reference(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False).logits
+
+    def values(self, input_ids, attention_mask, position_ids):
+        hidden = last_hidden(body_of(self.value_model.get_base_model()), input_ids, attention_mask, position_ids)
+        return self.value_head(hidden).squeeze(-1)
+
+    @torch.no_grad()
+    def scores(self, input_ids, attention_mask):
+        return self.reward_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits[:, 0].float()
+
+    @torch.no_grad()
+    def generate(self, **kwargs):
+        return self.policy.generate(**kwargs)
+
+    def policy_for_saving(self):
+        return self.policy
+
+    @property
+    def generation_config(self):
+        return self.policy.generation_config
+
+
+def build_models(layout: str, policy_parent: Manifest, reward: Manifest, model_args: ModelArgs, value_init: str):
+    """Load the roles for the chosen layout. The shared layout needs the reward model to sit on the same base as the
+    policy (trained from the same SFT stage), since its adapter is applied to that base."""
+    from rlhf.models import REWARD
+
+    policy_base = load_stage_output(policy_parent, model_args, CAUSAL_LM)
+    if layout == "shared":
+        if reward.parent is None or Path(reward.parent).resolve() != Path(policy_parent.output_dir).resolve():
+            raise ConfigError(
+                f"layout 'shared' applies the reward adapter to the policy's base, so the reward model must be trained "
+                f"from the same stage as the policy ({policy_parent.output_dir}); {reward.output_dir} was trained from "
+                f"{reward.parent}. Use layout: separate."
+            )
+        return SharedBaseModels(policy_base, model_args, reward, value_init)
+    reference = load_stage_output(policy_parent, model_args, CAUSAL_LM)
+    reward_model = load_stage_output(reward, model_args, REWARD)
+    value_body = load_stage_output(reward if value_init == "reward" else policy_parent, model_args, CAUSAL_LM)
+    return SeparateModels(policy_base, reference, reward_model, model_args, value_init, value_body)
+

@@ -1,0 +1,310 @@
+"""RLHF with PPO on the SFT policy and the reward model, our own implementation on the current stack.
+
+    rlhf ppo --config recipes/tiny/ppo.yaml
+    accelerate launch --config_file recipes/accelerate/cpu_2proc.yaml -m rlhf.ppo --config recipes/tiny/ppo.yaml
+
+Each iteration: sample responses to a batch of prompts (KV cache, left-padded prompts, cut after the first EOS),
+score them with the reward model at the last real token, add a per-token KL penalty against the reference (the SFT
+policy), estimate advantages with GAE, then run several epochs of clipped policy and value updates. With several
+processes each holds rollout_batch_size prompts; gradients are averaged and whitening uses global statistics, so
+the update equals one process holding the whole batch.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from rlhf.config import ConfigError, DataArgs, ModelArgs, parse_args
+from rlhf.ppo import math as ppo_math
+from rlhf.ppo.config import PPOArgs
+from rlhf.ppo.rollout import Rollout, collect, finish_advantages, policy_logprobs, value_predictions
+
+STAGE = "ppo"
+PARENT_STAGES = ("sft", "dpo", "ppo")
+ARG_TYPES = (ModelArgs, DataArgs, PPOArgs)
+
+
+class Distributed:
+    """The few collective operations PPO needs, as no-ops in a single process."""
+
+    def __init__(self, accelerator):
+        self.accelerator = accelerator
+        self.world = accelerator.num_processes
+
+    def sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        if self.world == 1:
+            return tensor
+        return self.accelerator.reduce(tensor.detach().clone(), reduction="sum")
+
+    def mean_of(self, value: float) -> float:
+        return (self.sum(torch.tensor(float(value), device=self.accelerator.device)) / self.world).item()
+
+    def masked_stats(self, values: torch.Tensor, mask: torch.Tensor):
+        """Global (mean, unbiased variance) of values over every process's real tokens."""
+        totals = self.sum(torch.stack([(values * mask).sum(), (values ** 2 * mask).sum(), mask.sum()]).double())
+        total, total_sq, count = totals.tolist()
+        mean = total / count
+        variance = (total_sq / count - mean ** 2) * count / max(count - 1, 1)
+        return torch.tensor(mean, dtype=values.dtype), torch.tensor(max(variance, 0.0), dtype=values.dtype)
+
+    def average_gradients(self, parameters) -> None:
+        if self.world == 1:
+            return
+        for parameter in parameters:
+            if parameter.grad is not None:
+                torch.distributed.all_reduce(parameter.grad, op=torch.distributed.ReduceOp.SUM)
+                parameter.grad /= self.world
+
+    def broadcast_parameters(self, parameters) -> None:
+        if self.world == 1:
+            return
+        for parameter in parameters:
+            torch.distributed.broadcast(parameter.data, src=0)
+
+
+def prompt_batches(n_prompts: int, per_process: int, world: int, rank: int, seed: int, step: int) -> list[int]:
+    """This process's share of the global batch for `step`, from a seeded permutation of the prompts (reshuffled
+    each pass). One process with per_process * world prompts sees exactly the same global batch."""
+    global_size = per_process * world
+    indices = []
+    for position in range(step * global_size + rank * per_process, step * global_size + (rank + 1) * per_process):
+        epoch, offset = divmod(position, n_prompts)
+        order = torch.randperm(n_prompts, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
+        indices.append(order[offset])
+    return indices
+
+
+def update(models, optimizer, rollout: Rollout, args: PPOArgs, distributed: Distributed, generator) -> dict:
+    """ppo_epochs passes of clipped policy + value updates over the rollout, in mini-batches."""
+    parameters = [p for group in optimizer.param_groups for p in group["params"]]
+    batch_size = rollout.response_ids.shape[0]
+    micro_size = max(1, args.mini_batch_size // args.gradient_accumulation_steps)
+    stats: dict[str, list[float]] = {}
+    for _ in range(args.ppo_epochs):
+        order = torch.randperm(batch_size, generator=generator)
+        for start in range(0, batch_size, args.mini_batch_size):
+            mini_batch = order[start : start + args.mini_batch_size]
+            micro_batches = mini_batch.split(micro_size)
+            for rows in micro_batches:
+                mask = rollout.response_mask[rows]
+                logprobs, logits = policy_logprobs(models, rollout, rows, args.temperature, grad=True)
+                values = value_predictions(models, rollout, rows, grad=True)
+                pg_loss, pg_stats = ppo_math.policy_loss(logprobs, rollout.logprobs[rows], rollout.advantages[rows],
+                                                         mask, args.cliprange)
+                vf_loss, vf_stats = ppo_math.value_loss(values, rollout.values[rows], rollout.returns[rows], mask,
+                                                        args.cliprange_value)
+                loss = (pg_loss + args.vf_coef * vf_loss) / len(micro_batches)
+                loss.backward()
+                with torch.no_grad():
+                    entropy = ppo_math.masked_mean(ppo_math.entropy_from_logits(logits), mask).item()
+                for key, value in {**pg_stats, **vf_stats, "loss/policy": pg_loss.item(), "loss/value": vf_loss.item(),
+                                   "policy/entropy": entropy}.items():
+                    stats.setdefault(key, []).append(value)
+            distributed.average_gradients(parameters)
+            grad_norm = torch.nn.utils.clip_grad_norm_(parameters, args.max_grad_norm)
+            stats.setdefault("grad_norm", []).append(grad_norm.item())
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+    return {key: sum(values) / len(values) for key, values in stats.items()}
+
+
+def rollout_metrics(rollout: Rollout, gold_scores: list[float] | None, distributed: Distributed) -> dict:
+    mask = rollout.response_mask
+    metrics = {
+        "score/raw": rollout.raw_scores.mean().item(),
+        "score/shaped": rollout.scores.mean().item(),
+        "kl/sequence": rollout.kl.sum(1).mean().item(),
+        "response/length": mask.sum(1).mean().item(),
+        "response/eos_rate": rollout.ended.float().mean().item(),
+        "value/explained_variance": ppo_math.explained_variance(rollout.values, rollout.returns, mask),
+        "advantage/mean": ppo_math.masked_mean(rollout.advantages, mask).item(),
+    }
+    if gold_scores is not None:
+        metrics["score/gold"] = sum(gold_scores) / len(gold_scores)
+    return {key: distributed.mean_of(value) if not math.isnan(value) else value for key, value in metrics.items()}
+
+
+# ----------------------------------------------------------------------------------------------- checkpoints
+
+def trainable_state(models) -> dict[str, torch.Tensor]:
+    return {name: parameter.detach().cpu().contiguous() for name, parameter in models.named_parameters()
+            if parameter.requires_grad}
+
+
+def save_checkpoint(models, optimizer, step: int, kl_coef: float, checkpoint_root: Path) -> Path:
+    """checkpoints/step-N, written into a temp folder and renamed: a killed run never leaves half a checkpoint."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    final = checkpoint_root / f"step-{step:06d}"
+    temporary = checkpoint_root / f".step-{step:06d}.tmp"
+    shutil.rmtree(temporary, ignore_errors=True)
+    temporary.mkdir(parents=True)
+    save_file(trainable_state(models), str(temporary / "trainable.safetensors"))
+    torch.save(optimizer.state_dict(), temporary / "optimizer.pt")
+    (temporary / "state.json").write_text(json.dumps({"step": step, "kl_coef": kl_coef}))
+    shutil.rmtree(final, ignore_errors=True)
+    temporary.rename(final)
+    return final
+
+
+def latest_checkpoint(checkpoint_root: Path) -> Path | None:
+    done = sorted(path for path in checkpoint_root.glob("step-*") if (path / "state.json").is_file())
+    return done[-1] if done else None
+
+
+def load_checkpoint(models, optimizer, checkpoint: Path) -> dict:
+    from safetensors.torch import load_file
+
+    state = load_file(str(checkpoint / "trainable.safetensors"))
+    missing = set(trainable_state(models)) - set(state)
+    if missing:
+        raise ConfigError(f"checkpoint {checkpoint} does not match this configuration (missing {sorted(missing)[:3]})")
+    models.load_state_dict(state, strict=False)
+    optimizer.load_state_dict(torch.load(checkpoint / "optimizer.pt", weights_only=True))
+    return json.loads((checkpoint / "state.json").read_text())
+
+
+# ----------------------------------------------------------------------------------------------- the stage
+
+def main(argv: list[str] | None = None):
+    # Config
+    model_args, data_args, args = parse_args(ARG_TYPES, argv, prog="rlhf ppo", description=__doc__)
+    for name, value in [("train_data", data_args.train_data), ("reward_model", args.reward_model),
+                        ("output_dir", args.output_dir), ("init_from", model_args.init_from)]:
+        if not value:
+            raise ConfigError(f"ppo: '{name}' is required (set it in the recipe or pass --{name})")
+    if args.rollout_batch_size % args.mini_batch_size:
+        raise ConfigError(f"ppo: rollout_batch_size ({args.rollout_batch_size}) must be a multiple of "
+                          f"mini_batch_size ({args.mini_batch_size})")
+
+    from accelerate import Accelerator
+
+    from rlhf import data
+    from rlhf.generation import encode_prompts
+    from rlhf.manifest import resolve_parent
+    from rlhf.models import stage_tokenizer
+    from rlhf.ppo.layouts import POLICY, build_models
+    from rlhf.stage import StageError, hold_output_lock, load_gold_prompts, write_stage
+
+    accelerator = Accelerator(log_with=None if args.report_to in (["none"], []) else args.report_to)
+    distributed = Distributed(accelerator)
+    output_dir = Path(args.output_dir)
+    lock = hold_output_lock(str(output_dir))  # noqa: F841  (held until the process ends)
+
+    # Data: prompts, validated and tokenised before any model is loaded.
+    prompt_records = data.load_prompts(data_args.train_data, data_args.train_split)[: data_args.max_train_samples]
+    policy_parent = resolve_parent(model_args.init_from, PARENT_STAGES)
+    reward_manifest = resolve_parent(args.reward_model, ("reward",))
+    tokenizer = stage_tokenizer(policy_parent, model_args)
+    reward_tokenizer = stage_tokenizer(reward_manifest, model_args)
+    prompts = [record["prompt"] for record in prompt_records]
+    prompt_ids = encode_prompts(tokenizer, prompts)
+    gold = None
+    if data_args.gold_reward:
+        from rlhf.evaluate.policy import load_gold_reward
+
+        gold = load_gold_reward(data_args.gold_reward)
+    reward_stats = None
+    if args.normalize_reward:
+        stats = reward_manifest.metrics
+        if "reward_mean" not in stats:
+            raise ConfigError(f"{args.reward_model}: manifest has no reward_mean/reward_std; retrain it or set "
+                              "normalize_reward: false")
+        reward_stats = (stats["reward_mean"], stats["reward_std"])
+
+    # Models: identical initialisation on every process.
+    torch.manual_seed(args.seed)
+    models = build_models(args.layout, policy_parent, reward_manifest, model_args, args.value_init)
+    models.to(accelerator.device).eval()  # eval: dropout off, so rollout and update log-probs agree
+    trainable = models.policy_parameters() + models.value_parameters()
+    distributed.broadcast_parameters(trainable)
+    optimizer = torch.optim.AdamW(trainable, lr=args.learning_rate, weight_decay=args.weight_decay)
+    schedule = (lambda step: 1.0) if args.lr_scheduler == "constant" else (lambda step: 1.0 - step / args.steps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    kl_control = ppo_math.kl_controller(args.kl_coef, args.target_kl, args.kl_horizon)
+
+    # Resume
+    checkpoint_root = output_dir / "checkpoints"
+    start_step = 0
+    last = latest_checkpoint(checkpoint_root)
+    if last is not None:
+        state = load_checkpoint(models, optimizer, last)
+        start_step, kl_control.value = state["step"], state["kl_coef"]
+        for _ in range(start_step):
+            scheduler.step()
+        accelerator.print(f"[rlhf] ppo: resuming from {last} (step {start_step})")
+
+    # Train
+    log_path = output_dir / "metrics.jsonl"
+    if accelerator.is_main_process and start_step == 0:
+        log_path.unlink(missing_ok=True)
+    progress = tqdm(range(start_step, args.steps), initial=start_step, total=args.steps, desc="ppo",
+                    disable=not accelerator.is_local_main_process)
+    history = []
+    for step in progress:
+        # Seeds depend on (seed, step, rank) only, so a resumed run continues exactly as an uninterrupted one.
+        torch.manual_seed(args.seed * 100_003 + step * 1_009 + accelerator.process_index)
+        rows = prompt_batches(len(prompts), args.rollout_batch_size, accelerator.num_processes,
+                              accelerator.process_index, args.seed, step)
+        rollout = collect(models, tokenizer, reward_tokenizer, [prompts[i] for i in rows], [prompt_ids[i] for i in rows],
+                          args, kl_control.value, reward_stats)
+        finish_advantages(rollout, args, distributed.masked_stats)
+        started = time.perf_counter()
+        generator = torch.Generator().manual_seed(args.seed + step)
+        update_stats = update(models, optimizer, rollout, args, distributed, generator)
+        scheduler.step()
+        gold_scores = ([gold(data.prompt_text(prompts[i]), text) for i, text in zip(rows, rollout.texts)]
+                       if gold else None)
+        metrics = {"step": step + 1, **rollout_metrics(rollout, gold_scores, distributed),
+                   **{key: distributed.mean_of(value) for key, value in update_stats.items()},
+                   "kl_coef": kl_control.value, "lr": scheduler.get_last_lr()[0],
+                   **rollout.timings, "time/training": time.perf_counter() - started}
+        kl_control.update(metrics["kl/sequence"], args.rollout_batch_size * accelerator.num_processes)
+        if not all(math.isfinite(value) for key, value in metrics.items() if key != "value/explained_variance"):
+            raise StageError(f"ppo: non-finite metrics at step {step + 1} ({metrics}); last good checkpoint: "
+                              f"{latest_checkpoint(checkpoint_root)}. Lower learning_rate or check the reward model.")
+        history.append(metrics)
+        if accelerator.is_main_process:
+            with open(log_path, "a") as log_file:
+                log_file.write(json.dumps(metrics) + "\n")
+            accelerator.log(metrics, step=step + 1)
+        progress.set_postfix(score=f"{metrics['score/raw']:.3f}", kl=f"{metrics['kl/sequence']:.3f}")
+        if args.logging_steps and (step + 1) % args.logging_steps == 0:
+            accelerator.print(" ".join(f"{key}={value:.4g}" for key, value in metrics.items() if not key.startswith("time")))
+        if args.save_steps and (step + 1) % args.save_steps == 0 and step + 1 < args.steps and accelerator.is_main_process:
+            save_checkpoint(models, optimizer, step + 1, kl_control.value, checkpoint_root)
+        accelerator.wait_for_everyone()
+
+    # Save: the policy adapter (plain LoRA folder), the value adapter + head for further training, then the manifest.
+    accelerator.wait_for_everyone()
+    if not accelerator.is_main_process:
+        accelerator.end_training()
+        return None
+    models.policy_for_saving().save_pretrained(output_dir / "adapter", selected_adapters=[POLICY])
+    tokenizer.save_pretrained(output_dir / "adapter")
+    save_checkpoint(models, optimizer, args.steps, kl_control.value, checkpoint_root)
+    first, last_metrics = (history[0], history[-1]) if history else ({}, {})
+    metrics = {"steps": args.steps, "first": first, "last": last_metrics}
+    manifest = write_stage(
+        STAGE, str(output_dir), model_args, data_args=data_args, training_args=args,
+        base_model=policy_parent.base_model, parent=policy_parent, metrics=metrics, tokenizer=tokenizer,
+        extra={"layout": models.layout, "reference": "parent policy: "
+               + ("the shared base with every adapter disabled" if models.layout == "shared" else "a separate frozen copy"),
+               "reward_model": str(Path(args.reward_model).resolve()), "value_init": args.value_init,
+               "world_size": accelerator.num_processes},
+        save_merged=args.save_merged, gold_prompts=load_gold_prompts(data_args),
+    )
+    accelerator.end_training()
+    return manifest
+
+
+if __name__ == "__main__":
+    main()

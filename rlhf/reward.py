@@ -1,0 +1,110 @@
+"""Reward-model training: a one-output sequence classifier with a LoRA adapter (TRL RewardTrainer, Bradley-Terry).
+
+    rlhf reward --config recipes/tiny/reward.yaml
+    accelerate launch --config_file recipes/accelerate/cpu.yaml -m rlhf.reward --config recipes/tiny/reward.yaml
+
+Starts from the SFT stage's policy (init_from) or any base model, reads preference pairs (explicit or implicit
+prompt, HH-RLHF raw text), and saves the adapter with the score head (modules_to_save). The manifest records the
+reward mean and std over the training responses, which PPO uses to normalise rewards.
+"""
+
+from __future__ import annotations
+
+import statistics
+from dataclasses import dataclass, field
+
+from trl import RewardConfig
+
+from rlhf.config import DataArgs, ModelArgs, parse_args
+from rlhf.stage import (
+    NonFiniteLossGuard,
+    finish_stage,
+    hold_output_lock,
+    prepare_checkpoints,
+    require,
+    training_metrics,
+)
+
+STAGE = "reward"
+PARENT_STAGES = ("sft", "reward")
+
+
+@dataclass
+class RewardStageArgs:
+    save_merged: bool = field(default=True, metadata={"help": "Also write <output_dir>/merged (base + adapters merged)."})
+    stats_samples: int = field(
+        default=2000, metadata={"help": "Training pairs scored after training for the reward mean/std (0 = skip)."}
+    )
+    score_batch_size: int = field(default=64, metadata={"help": "Batch size when scoring for the statistics."})
+
+
+ARG_TYPES = (ModelArgs, DataArgs, RewardConfig, RewardStageArgs)
+
+
+def main(argv: list[str] | None = None):
+    # Config
+    model_args, data_args, training_args, stage_args = parse_args(ARG_TYPES, argv, prog="rlhf reward", description=__doc__)
+    require(data_args.train_data, "train_data", STAGE)
+    output_dir = training_args.output_dir
+    lock = hold_output_lock(output_dir)  # noqa: F841  (held until the process ends)
+    resume_from = prepare_checkpoints(training_args, output_dir)
+
+    # Data
+    from rlhf import data
+
+    train_pairs = data.load_preferences(data_args.train_data, data_args.train_split)[: data_args.max_train_samples]
+    eval_pairs = (
+        data.load_preferences(data_args.eval_data, data_args.eval_split)[: data_args.max_eval_samples]
+        if data_args.eval_data else None
+    )
+
+    # Model: the parent's body with a fresh one-output score head.
+    from rlhf.models import REWARD, load_start_model, lora_config
+
+    model, tokenizer, base_model, parent = load_start_model(model_args, PARENT_STAGES, head=REWARD)
+    if training_args.max_length:
+        train_pairs = data.check_lengths(train_pairs, tokenizer, training_args.max_length, data_args.train_data, "preference", data_args.length_policy)
+
+    # Trainer
+    from trl import RewardTrainer
+
+    trainer = RewardTrainer(
+        model=model,
+        args=training_args,
+        train_dataset=data.to_dataset(train_pairs),
+        eval_dataset=data.to_dataset(eval_pairs) if eval_pairs else None,
+        processing_class=tokenizer,
+        peft_config=lora_config(model_args, task_type="SEQ_CLS", modules_to_save=["score"]),
+        callbacks=[NonFiniteLossGuard()],
+    )
+    train_result = trainer.train(resume_from_checkpoint=resume_from)
+    metrics = training_metrics(trainer, train_result)
+    if eval_pairs:
+        evaluation = trainer.evaluate()
+        metrics.update(eval_loss=evaluation["eval_loss"], eval_accuracy=evaluation.get("eval_accuracy"),
+                       eval_margin=evaluation.get("eval_margin"))
+
+    def reward_statistics(manifest):
+        """Mean/std of the trained model's rewards over training responses (chosen and rejected)."""
+        if not stage_args.stats_samples:
+            return {}
+        from rlhf.evaluate.scoring import score_pairs
+        from rlhf.models import load_stage_output
+
+        reward_model = load_stage_output(manifest, model_args)
+        scores = score_pairs(reward_model, tokenizer, train_pairs[: stage_args.stats_samples], stage_args.score_batch_size)
+        rewards = scores["chosen"] + scores["rejected"]
+        return {"reward_mean": statistics.fmean(rewards), "reward_std": statistics.pstdev(rewards),
+                "train_accuracy": statistics.fmean(c > r for c, r in zip(scores["chosen"], scores["rejected"]))}
+
+    # Save
+    return finish_stage(
+        trainer, STAGE, output_dir, model_args, data_args=data_args, training_args=training_args,
+        base_model=base_model, parent=parent, metrics=metrics,
+        extra={"head": REWARD}, stage_args=stage_args, save_merged=stage_args.save_merged,
+        after_save=reward_statistics,
+    )
+
+
+if __name__ == "__main__":
+    main()

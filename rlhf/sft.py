@@ -1,0 +1,90 @@
+"""Supervised fine-tuning with a LoRA adapter (TRL SFTTrainer), loss on the assistant's tokens only.
+
+    rlhf sft --config recipes/tiny/sft.yaml
+    accelerate launch --config_file recipes/accelerate/cpu.yaml -m rlhf.sft --config recipes/tiny/sft.yaml
+
+Reads conversations (`messages`) or prompt/completion records, writes <output_dir>/adapter (+ merged/) and
+manifest.json for the reward-model, DPO and PPO stages to start from.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from trl import SFTConfig
+
+from rlhf.config import DataArgs, ModelArgs, parse_args
+from rlhf.stage import (
+    NonFiniteLossGuard,
+    finish_stage,
+    hold_output_lock,
+    load_gold_prompts,
+    prepare_checkpoints,
+    require,
+    training_metrics,
+)
+
+STAGE = "sft"
+PARENT_STAGES = ("sft",)
+
+
+@dataclass
+class SFTStageArgs:
+    save_merged: bool = field(default=True, metadata={"help": "Also write <output_dir>/merged (base + adapter merged)."})
+
+
+ARG_TYPES = (ModelArgs, DataArgs, SFTConfig, SFTStageArgs)
+
+
+def main(argv: list[str] | None = None):
+    # Config
+    model_args, data_args, training_args, stage_args = parse_args(ARG_TYPES, argv, prog="rlhf sft", description=__doc__)
+    require(data_args.train_data, "train_data", STAGE)
+    output_dir = training_args.output_dir
+    lock = hold_output_lock(output_dir)  # noqa: F841  (held until the process ends)
+    resume_from = prepare_checkpoints(training_args, output_dir)
+
+    # Data: everything is validated before the model is even loaded.
+    from rlhf import data
+
+    train_records = data.load_sft(data_args.train_data, data_args.train_split)[: data_args.max_train_samples]
+    eval_records = (
+        data.load_sft(data_args.eval_data, data_args.eval_split)[: data_args.max_eval_samples] if data_args.eval_data else None
+    )
+    gold_prompts = load_gold_prompts(data_args)
+
+    # Model
+    from rlhf.models import load_start_model, lora_config
+
+    model, tokenizer, base_model, parent = load_start_model(model_args, PARENT_STAGES)
+    if training_args.max_length:
+        train_records = data.check_lengths(train_records, tokenizer, training_args.max_length, data_args.train_data, "sft", data_args.length_policy)
+
+    # Trainer
+    from trl import SFTTrainer
+
+    trainer = SFTTrainer(
+        model=model,
+        args=training_args,
+        train_dataset=data.to_dataset(train_records),
+        eval_dataset=data.to_dataset(eval_records) if eval_records else None,
+        processing_class=tokenizer,
+        peft_config=lora_config(model_args),
+        callbacks=[NonFiniteLossGuard()],
+    )
+    train_result = trainer.train(resume_from_checkpoint=resume_from)
+    metrics = training_metrics(trainer, train_result)
+    if eval_records:
+        metrics["eval_loss"] = trainer.evaluate()["eval_loss"]
+
+    # Save
+    return finish_stage(
+        trainer, STAGE, output_dir, model_args, data_args=data_args, training_args=training_args,
+        base_model=base_model, parent=parent, metrics=metrics,
+        extra={"assistant_only_loss": training_args.assistant_only_loss},
+        stage_args=stage_args, save_merged=stage_args.save_merged, gold_prompts=gold_prompts,
+    )
+
+
+if __name__ == "__main__":
+    main()

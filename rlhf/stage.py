@@ -1,0 +1,164 @@
+"""What every training stage does around its trainer: lock the output folder, resume from the last checkpoint, stop on
+a non-finite loss, save the adapter (and merged model), check the policy against the gold reward, write the manifest.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import math
+import os
+from pathlib import Path
+
+from transformers import TrainerCallback
+from transformers.trainer_utils import get_last_checkpoint
+
+from rlhf.config import ConfigError, DataArgs, ModelArgs, to_plain_dict
+from rlhf.manifest import Manifest, write_manifest
+
+logger = logging.getLogger(__name__)
+
+
+class StageError(RuntimeError):
+    """A stage that cannot go on (lock held, loss diverged); the message says what happened and what was kept."""
+
+
+def is_main_process() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def hold_output_lock(output_dir: str):
+    """Refuse a second run on the same output folder while this one lives. The OS drops the lock if we die."""
+    Path(output_dir).mkdir(parents=True, exist_ok=True)
+    lock_path = Path(output_dir) / f".lock.rank{os.environ.get('RANK', '0')}"
+    handle = open(lock_path, "w")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        raise StageError(f"{output_dir} is in use by another run (lock {lock_path}); wait for it or pick another output_dir") from None
+    handle.write(str(os.getpid()))
+    handle.flush()
+    return handle  # keep a reference: the lock lives as long as this file object
+
+
+def prepare_checkpoints(training_args, output_dir: str) -> str | None:
+    """Point the trainer at <output_dir>/checkpoints; return the checkpoint to resume from, if a run was cut short."""
+    checkpoint_dir = Path(output_dir) / "checkpoints"
+    training_args.output_dir = str(checkpoint_dir)
+    last = get_last_checkpoint(str(checkpoint_dir)) if checkpoint_dir.is_dir() else None
+    if last:
+        logger.warning("resuming from %s", last)
+    return last
+
+
+class NonFiniteLossGuard(TrainerCallback):
+    """Stop on a NaN/inf loss instead of training on garbage; checkpoints saved so far stay on disk."""
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        loss = (logs or {}).get("loss")
+        if loss is not None and not math.isfinite(loss):
+            last = get_last_checkpoint(args.output_dir) if Path(args.output_dir).is_dir() else None
+            kept = f"last good checkpoint: {last}" if last else "no checkpoint was saved yet"
+            raise StageError(
+                f"loss became {loss} at step {state.global_step}; stopping ({kept}). "
+                "Lower the learning rate or check the data."
+            )
+
+
+def logged_losses(log_history: list[dict], key: str = "loss") -> list[float]:
+    return [entry[key] for entry in log_history if key in entry]
+
+
+def training_metrics(trainer, train_result) -> dict:
+    """What every TRL-trained stage records: final loss, steps, and first/last logged loss (did it learn?)."""
+    metrics = {"train_loss": train_result.training_loss, "steps": trainer.state.global_step}
+    losses = logged_losses(trainer.state.log_history)
+    if losses:
+        metrics.update(first_logged_loss=losses[0], last_logged_loss=losses[-1])
+    return metrics
+
+
+def load_gold_prompts(data_args: DataArgs) -> list[list[dict]] | None:
+    """Held-out prompts for the end-of-stage gold-reward check, when the recipe names them."""
+    if not data_args.gold_eval_prompts:
+        return None
+    from rlhf.data import load_prompts
+
+    return [record["prompt"] for record in load_prompts(data_args.gold_eval_prompts)][: data_args.gold_eval_samples]
+
+
+def require(value, name: str, stage: str) -> None:
+    if value in (None, ""):
+        raise ConfigError(f"{stage}: '{name}' is required (set it in the recipe or pass --{name})")
+
+
+def finish_stage(trainer, stage: str, output_dir: str, model_args: ModelArgs, **details) -> Manifest | None:
+    """Save a TRL trainer's model, then write the stage (see write_stage). Returns the manifest on the main process,
+    None elsewhere."""
+    # save_model gathers sharded weights (DeepSpeed/FSDP) and writes safetensors + the tokenizer.
+    trainer.save_model(str(Path(output_dir) / ("adapter" if model_args.use_lora else "merged")))
+    trainer.accelerator.wait_for_everyone()
+    if not trainer.accelerator.is_main_process:
+        return None
+    return write_stage(stage, output_dir, model_args, tokenizer=trainer.processing_class, **details)
+
+
+def write_stage(
+    stage: str,
+    output_dir: str,
+    model_args: ModelArgs,
+    data_args: DataArgs,
+    training_args,
+    base_model: str,
+    parent: Manifest | None,
+    metrics: dict,
+    tokenizer,
+    extra: dict | None = None,
+    stage_args=None,
+    save_merged: bool = True,
+    gold_prompts: list[list[dict]] | None = None,
+    after_save=None,
+) -> Manifest:
+    """Finish a stage whose adapter (or full model) is already saved: merged copy, checks, manifest (last).
+
+    Checks of the finished model (`after_save(manifest) -> metrics`, the gold-reward report) run on the model
+    reloaded from disk: that proves the saved files are what was trained, whatever the sharding."""
+    from rlhf.models import load_stage_output, save_merged_copy
+
+    output = Path(output_dir)
+    adapter_path = "adapter" if model_args.use_lora else None
+    local_base = Path(base_model)
+    manifest = Manifest(
+        stage=stage,
+        output_dir=str(output),
+        base_model=str(local_base.resolve()) if local_base.exists() else base_model,
+        adapter_path=adapter_path,
+        merged_path=None if adapter_path else "merged",
+        parent=str(Path(parent.output_dir).resolve()) if parent else None,
+        parent_manifest={key: value for key, value in parent.__dict__.items() if key != "parent_manifest"} if parent else None,
+        config={
+            "model": to_plain_dict(model_args),
+            "data": to_plain_dict(data_args),
+            "training": to_plain_dict(training_args),
+            **({"stage": to_plain_dict(stage_args)} if stage_args is not None else {}),
+        },
+        metrics=metrics,
+        extra=extra or {},
+    )
+    manifest.config["training"].pop("output_dir", None)  # where checkpoints go is not part of what was trained
+    if adapter_path and save_merged:
+        manifest.merged_path = save_merged_copy(manifest, model_args)
+    if gold_prompts and data_args.gold_reward:
+        from rlhf.evaluate.policy import gold_report, load_gold_reward
+
+        policy = load_stage_output(manifest, model_args)
+        seed = getattr(training_args, "seed", 0)
+        report = gold_report(policy, tokenizer, gold_prompts, load_gold_reward(data_args.gold_reward), seed=seed)
+        manifest.metrics["gold"] = report
+        logger.warning("%s gold reward %.3f, EOS rate %.2f", stage, report["gold_reward"]["mean"], report["eos_rate"])
+    if after_save is not None:
+        manifest.metrics.update(after_save(manifest))
+    path = write_manifest(manifest)
+    print(f"[rlhf] {stage} done: {path}")
+    return manifest

@@ -1,0 +1,64 @@
+"""Shared fixtures: the repo's paths, and one tiny SFT run reused by every test that needs a trained policy."""
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+TINY_BASE = str(REPO / "data" / "tiny-base")
+TINY_DATA = REPO / "data" / "tiny"
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _offline_and_in_repo():
+    # Recipes name repo-relative paths (data/tiny-base); nothing may reach a model hub.
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    os.environ["HF_DATASETS_OFFLINE"] = "1"
+    previous = os.getcwd()
+    os.chdir(REPO)
+    yield
+    os.chdir(previous)
+
+
+@pytest.fixture(scope="session")
+def sft_run(tmp_path_factory):
+    """The tiny SFT recipe, trained once per test session; returns its manifest."""
+    from rlhf import sft
+
+    output_dir = tmp_path_factory.mktemp("runs") / "sft"
+    os.chdir(REPO)
+    return sft.main(["--config", "recipes/tiny/sft.yaml", "--output_dir", str(output_dir)])
+
+
+@pytest.fixture(scope="session")
+def reward_run(sft_run, tmp_path_factory):
+    """The tiny reward-model recipe started from the session's SFT run; returns its manifest."""
+    from rlhf import reward
+
+    output_dir = tmp_path_factory.mktemp("runs") / "reward"
+    os.chdir(REPO)
+    return reward.main(["--config", "recipes/tiny/reward.yaml", "--init_from", sft_run.output_dir,
+                        "--output_dir", str(output_dir)])
+
+
+@pytest.fixture(scope="session")
+def dpo_run(sft_run, tmp_path_factory):
+    """The tiny DPO recipe started from the session's SFT run; returns its manifest."""
+    from rlhf import dpo
+
+    output_dir = tmp_path_factory.mktemp("runs") / "dpo"
+    os.chdir(REPO)
+    return dpo.main(["--config", "recipes/tiny/dpo.yaml", "--init_from", sft_run.output_dir,
+                     "--output_dir", str(output_dir)])
+
+
+@pytest.fixture(scope="session")
+def ppo_run(sft_run, reward_run, tmp_path_factory):
+    """The tiny PPO recipe on the session's SFT and reward runs; returns its manifest."""
+    from rlhf.ppo import trainer
+
+    output_dir = tmp_path_factory.mktemp("runs") / "ppo"
+    os.chdir(REPO)
+    return trainer.main(["--config", "recipes/tiny/ppo.yaml", "--init_from", sft_run.output_dir,
+                         "--reward_model", reward_run.output_dir, "--output_dir", str(output_dir)])

@@ -1,0 +1,185 @@
+"""Reward-model report: statistics checked against hand arithmetic, and the files it writes."""
+
+import json
+import math
+
+import pytest
+
+from rlhf.evaluate.rm_report import build_report, pair_rows, write_comparison, write_report
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def make_pair(user: str, chosen: str, rejected: str, subset: str | None = None) -> dict:
+    pair = {"prompt": [{"role": "system", "content": "be nice"}, {"role": "user", "content": user}],
+            "chosen": [{"role": "assistant", "content": chosen}],
+            "rejected": [{"role": "assistant", "content": rejected}]}
+    if subset is not None:
+        pair["subset"] = subset
+    return pair
+
+
+# Margins 2, 1, 0 (a tie), -1: wins 1, 1, 0.5, 0.
+PAIRS = [make_pair("q0", "good answer", "bad", "b"), make_pair("q1", "fine", "meh", "a"),
+         make_pair("q2", "same", "same", "a"), make_pair("q3", "right", "wrong")]
+CHOSEN = [3.0, 2.0, 1.0, 0.0]
+REJECTED = [1.0, 1.0, 1.0, 1.0]
+
+
+def test_accuracy_margin_and_rewards():
+    report = build_report(PAIRS, CHOSEN, REJECTED)
+    assert report["n_pairs"] == 4
+    assert report["accuracy"]["mean"] == pytest.approx(2.5 / 4)
+    assert report["accuracy"]["n"] == 4
+    assert report["margin"]["mean"] == pytest.approx(0.5)
+    assert report["margin"]["median"] == pytest.approx(0.5)
+    assert report["margin"]["std"] == pytest.approx(math.sqrt((1.5**2 + 0.5**2 + 0.5**2 + 1.5**2) / 4))
+    assert report["chosen_reward"] == pytest.approx({"mean": 1.5, "std": math.sqrt(1.25), "min": 0.0, "max": 3.0})
+    assert report["rejected_reward"] == pytest.approx({"mean": 1.0, "std": 0.0, "min": 1.0, "max": 1.0})
+
+
+def test_wilson_interval_counts_ties_as_half():
+    p, n, z = 2.5 / 4, 4, 1.96
+    center = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z / (1 + z * z / n) * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    lo, hi = build_report(PAIRS, CHOSEN, REJECTED)["accuracy"]["ci95"]
+    assert (lo, hi) == pytest.approx((center - half, center + half))
+    assert 0.0 < lo < 0.625 < hi < 1.0
+
+
+def test_calibration_bins_and_ece():
+    calibration = build_report(PAIRS, CHOSEN, REJECTED, n_bins=5)["calibration"]
+    s2, s1 = 1 / (1 + math.exp(-2)), 1 / (1 + math.exp(-1))  # 0.881, 0.731
+    bins = calibration["bins"]
+    assert [b["count"] for b in bins] == [1, 0, 2, 1, 0]
+    assert [b["lower"] for b in bins] == pytest.approx([0.5, 0.6, 0.7, 0.8, 0.9])
+    assert bins[-1]["upper"] == pytest.approx(1.0)
+    # Bin 0.5-0.6: the tie (p = 0.5, half correct).
+    assert bins[0]["confidence"] == pytest.approx(0.5) and bins[0]["accuracy"] == pytest.approx(0.5)
+    assert bins[1]["confidence"] is None and bins[1]["accuracy"] is None
+    # Bin 0.7-0.8: margin +1 (right) and margin -1 (wrong, confidence 1 - sigmoid(-1) = sigmoid(1)).
+    assert bins[2]["confidence"] == pytest.approx(s1) and bins[2]["accuracy"] == pytest.approx(0.5)
+    assert bins[3]["confidence"] == pytest.approx(s2) and bins[3]["accuracy"] == pytest.approx(1.0)
+    expected_ece = 1 / 4 * abs(0.5 - 0.5) + 2 / 4 * abs(0.5 - s1) + 1 / 4 * abs(1.0 - s2)
+    assert calibration["ece"] == pytest.approx(expected_ece)
+
+
+def test_extreme_margins_land_in_the_last_bin_without_overflow():
+    pairs = [make_pair("q", "a", "b"), make_pair("q", "a", "b")]
+    calibration = build_report(pairs, [1000.0, -1000.0], [0.0, 0.0], n_bins=4)["calibration"]
+    assert [b["count"] for b in calibration["bins"]] == [0, 0, 0, 2]
+    assert calibration["bins"][-1]["accuracy"] == pytest.approx(0.5)
+    assert calibration["ece"] == pytest.approx(0.5)
+
+
+def test_all_ties():
+    report = build_report(PAIRS[:2], [1.0, 1.0], [1.0, 1.0])
+    assert report["accuracy"]["mean"] == 0.5
+    assert report["margin"] == {"mean": 0.0, "median": 0.0, "std": 0.0}
+    assert report["calibration"]["bins"][0]["count"] == 2
+    assert report["calibration"]["ece"] == pytest.approx(0.0)
+
+
+def test_subsets_sorted_and_pairs_without_subset_left_out():
+    subsets = build_report(PAIRS, CHOSEN, REJECTED)["subsets"]
+    assert list(subsets) == ["a", "b"]
+    assert subsets["a"]["n"] == 2 and subsets["a"]["accuracy"] == pytest.approx(0.75)  # win + tie
+    assert subsets["b"]["n"] == 1 and subsets["b"]["accuracy"] == pytest.approx(1.0)
+    assert subsets["a"]["ci95"][0] < 0.75 < subsets["a"]["ci95"][1]
+    no_subsets = [{key: value for key, value in pair.items() if key != "subset"} for pair in PAIRS]
+    assert build_report(no_subsets, CHOSEN, REJECTED)["subsets"] == {}
+
+
+def test_length_bias_with_given_lengths():
+    chosen_lengths, rejected_lengths = [10, 5, 7, 3], [5, 5, 9, 1]
+    bias = build_report(PAIRS, CHOSEN, REJECTED, chosen_lengths=chosen_lengths,
+                        rejected_lengths=rejected_lengths)["length_bias"]
+    # Pair 1 has equal lengths and is left out; of pairs 0, 2, 3 the chosen is longer in 0 and 3.
+    assert bias["data_longer_chosen_rate"] == pytest.approx(2 / 3)
+    assert bias["longer_wins_baseline_accuracy"] == pytest.approx(2 / 3)
+    # Longer scored higher: pair 0 yes (3 > 1), pair 2 tie (1 = 1) counts half, pair 3 no (0 < 1).
+    assert bias["model_prefers_longer_rate"] == pytest.approx(1.5 / 3)
+    rewards = [3, 2, 1, 0, 1, 1, 1, 1]
+    lengths = [10, 5, 7, 3, 5, 5, 9, 1]
+    mean_r, mean_l = sum(rewards) / 8, sum(lengths) / 8
+    covariance = sum((r - mean_r) * (l - mean_l) for r, l in zip(rewards, lengths))
+    expected = covariance / math.sqrt(sum((r - mean_r) ** 2 for r in rewards)
+                                      * sum((l - mean_l) ** 2 for l in lengths))
+    assert bias["reward_length_correlation"] == pytest.approx(expected)
+
+
+def test_length_bias_defaults_to_character_lengths_and_handles_all_equal():
+    # Chosen texts: "good answer"(11) vs "bad"(3), "fine"(4) vs "meh"(3), equal, "right"(5) vs "wrong"(5).
+    bias = build_report(PAIRS, CHOSEN, REJECTED)["length_bias"]
+    assert bias["data_longer_chosen_rate"] == pytest.approx(1.0)
+    assert bias["model_prefers_longer_rate"] == pytest.approx(1.0)
+    equal = build_report(PAIRS[2:], [1.0, 0.0], [1.0, 1.0])["length_bias"]
+    assert equal["data_longer_chosen_rate"] is None and equal["model_prefers_longer_rate"] is None
+    # Rewards vary but lengths are all the same: the correlation is undefined.
+    constant = build_report(PAIRS[2:], [1.0, 0.0], [1.0, 1.0], chosen_lengths=[4, 4], rejected_lengths=[4, 4])
+    assert constant["length_bias"]["reward_length_correlation"] is None
+
+
+def test_worst_pairs_most_negative_margin_first():
+    worst = build_report(PAIRS, CHOSEN, REJECTED, n_worst=2)["worst_pairs"]
+    assert [w["index"] for w in worst] == [3, 2]
+    assert worst[0] == {"index": 3, "prompt": "q3", "chosen": "right", "rejected": "wrong",
+                        "chosen_score": 0.0, "rejected_score": 1.0, "margin": -1.0}
+    assert len(build_report(PAIRS, CHOSEN, REJECTED, n_worst=10)["worst_pairs"]) == 4
+
+
+def test_mismatched_inputs_are_rejected():
+    with pytest.raises(ValueError):
+        build_report(PAIRS, CHOSEN[:3], REJECTED)
+    with pytest.raises(ValueError):
+        build_report([], [], [])
+
+
+def test_pair_rows():
+    rows = pair_rows(PAIRS, CHOSEN, REJECTED)
+    assert rows[0] == {"index": 0, "prompt": "q0", "chosen": "good answer", "rejected": "bad", "chosen_score": 3.0,
+                       "rejected_score": 1.0, "margin": 2.0, "correct": 1.0, "subset": "b"}
+    assert rows[2]["correct"] == 0.5
+    assert "subset" not in rows[3]
+
+
+def test_write_report_creates_all_files(tmp_path):
+    long_pairs = PAIRS[:3] + [make_pair("q3", "x" * 500, "wrong | pipe")]
+    report = build_report(long_pairs, CHOSEN, REJECTED)
+    rows = pair_rows(long_pairs, CHOSEN, REJECTED)
+    paths = write_report(report, tmp_path / "out", rows, title="My RM")
+    assert json.loads(open(paths["json"]).read()) == json.loads(json.dumps(report))
+    assert [json.loads(line) for line in open(paths["scores"])] == rows
+    markdown = open(paths["markdown"]).read()
+    assert markdown.startswith("# My RM")
+    assert "0.625" in markdown and "## Subsets" in markdown and "## Calibration" in markdown
+    assert "x" * 500 not in markdown and "wrong \\| pipe" in markdown
+    assert len(paths["plots"]) == 3
+    for path in paths["plots"]:
+        data = open(path, "rb").read()
+        assert data[:8] == PNG_SIGNATURE and len(data) > 1000
+        assert f"]({path.split('/')[-1]})" in markdown
+    assert not [p for p in (tmp_path / "out").iterdir() if p.name.endswith(".tmp")]
+
+
+def test_write_report_without_plots(tmp_path):
+    report = build_report(PAIRS, CHOSEN, REJECTED)
+    paths = write_report(report, tmp_path, pair_rows(PAIRS, CHOSEN, REJECTED), plots=False)
+    assert paths["plots"] == [] and not list(tmp_path.glob("*.png"))
+    assert "## Plots" not in open(paths["markdown"]).read()
+
+
+def test_write_comparison_has_a_column_per_model(tmp_path):
+    reports = {"rm-small": build_report(PAIRS, CHOSEN, REJECTED),
+               "rm-large": build_report(PAIRS[:2], [5.0, 4.0], [0.0, 0.0])}
+    path = write_comparison(reports, tmp_path)
+    lines = open(path).read().splitlines()
+    header = next(line for line in lines if line.startswith("| metric"))
+    assert header == "| metric | rm-small | rm-large |"
+    accuracy_row = next(line for line in lines if line.startswith("| accuracy (95% CI)"))
+    assert "0.625" in accuracy_row and "1.000" in accuracy_row
+    assert any(line.startswith("| accuracy: a |") for line in lines)
+    assert all(line.count("|") == 4 for line in lines if line.startswith("|"))
+    summary = json.loads((tmp_path / "comparison.json").read_text())
+    assert list(summary) == ["rm-small", "rm-large"]
+    assert summary["rm-large"]["subsets"] == {"a": 1.0, "b": 1.0}

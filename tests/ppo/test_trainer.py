@@ -1,0 +1,124 @@
+"""PPO stage: learns on the tiny task, one base model in memory, exact resume, multi-process runs."""
+
+import gc
+import json
+import subprocess
+import sys
+
+import torch
+
+from conftest import REPO, TINY_DATA
+from rlhf.config import ModelArgs
+from rlhf.data import load_preferences
+from rlhf.generation import pad_batch, position_ids_from_mask, response_logprobs, token_logprobs
+from rlhf.manifest import read_manifest
+from rlhf.models import load_stage_output, stage_tokenizer
+from rlhf.ppo.layouts import build_models
+
+
+def test_ppo_improves_gold_reward_over_sft(ppo_run, sft_run):
+    sft_gold = sft_run.metrics["gold"]["gold_reward"]["mean"]
+    ppo_gold = ppo_run.metrics["gold"]["gold_reward"]["mean"]
+    assert ppo_gold >= 1.25 * sft_gold, (sft_gold, ppo_gold)
+    assert ppo_run.metrics["last"]["score/raw"] > ppo_run.metrics["first"]["score/raw"]
+    assert ppo_run.metrics["first"]["kl/sequence"] == 0.0  # the policy starts as the reference
+    assert ppo_run.extra["layout"] == "shared"
+    lines = (REPO / ppo_run.output_dir / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == ppo_run.metrics["steps"]
+    for key in ("policy/clipfrac", "policy/approx_kl", "policy/entropy", "value/clipfrac", "loss/value",
+                "value/explained_variance", "response/eos_rate", "time/generation", "time/scoring", "time/training"):
+        assert key in json.loads(lines[-1])
+
+
+def count_models():
+    from transformers import PreTrainedModel
+
+    gc.collect()
+    return sum(isinstance(obj, PreTrainedModel) for obj in gc.get_objects())
+
+
+def sequence_batch(tokenizer, n=6):
+    pairs = load_preferences(str(TINY_DATA / "prefs_test.jsonl"))[:n]
+    prompts = [list(tokenizer.apply_chat_template(p["prompt"], add_generation_prompt=True, return_dict=False)) for p in pairs]
+    responses = [tokenizer(p["chosen"][0]["content"] + tokenizer.eos_token, add_special_tokens=False)["input_ids"] for p in pairs]
+    return (*pad_batch(prompts, tokenizer.pad_token_id, "left"), *pad_batch(responses, tokenizer.pad_token_id, "right"))
+
+
+def test_shared_layout_holds_one_base_and_reference_is_sft(sft_run, reward_run):
+    before = count_models()
+    models = build_models("shared", sft_run, reward_run, ModelArgs(), value_init="reward").eval()
+    assert count_models() - before == 1
+    tokenizer = stage_tokenizer(sft_run, ModelArgs())
+    batch = sequence_batch(tokenizer)
+    sft_policy = load_stage_output(sft_run, ModelArgs()).eval()
+    prompt_ids, prompt_mask, response_ids, response_mask = batch
+    input_ids, attention_mask = torch.cat([prompt_ids, response_ids], 1), torch.cat([prompt_mask, response_mask], 1)
+    with torch.no_grad():
+        expected = response_logprobs(sft_policy, *batch)
+        logits = models.reference_logits(input_ids, attention_mask, position_ids_from_mask(attention_mask))
+        reference = token_logprobs(logits[:, prompt_ids.shape[1] - 1 : -1], response_ids) * response_mask
+    torch.testing.assert_close(reference, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_shared_reward_adapter_scores_like_the_reward_model(sft_run, reward_run):
+    from rlhf.evaluate.scoring import render, score_token_ids
+
+    models = build_models("shared", sft_run, reward_run, ModelArgs(), value_init="reward").eval()
+    tokenizer = stage_tokenizer(reward_run, ModelArgs())
+    pairs = load_preferences(str(TINY_DATA / "prefs_test.jsonl"))[:6]
+    sequences = [render(tokenizer, p["prompt"] + p["chosen"]) for p in pairs]
+    ids, mask = pad_batch(sequences, tokenizer.pad_token_id, "right")
+    expected = score_token_ids(load_stage_output(reward_run, ModelArgs()).eval(), tokenizer.pad_token_id, sequences)
+    torch.testing.assert_close(models.scores(ids, mask), expected, atol=1e-4, rtol=1e-4)
+    # The value model starts as the reward model: its value at the last token is the reward.
+    values = models.values(ids, mask, (mask.cumsum(1) - 1).clamp(min=0)).detach()
+    torch.testing.assert_close(values[torch.arange(len(pairs)), mask.sum(1) - 1], expected, atol=1e-4, rtol=1e-4)
+
+
+def short_run(sft_run, reward_run, output_dir, *extra):
+    from rlhf.ppo import trainer
+
+    return trainer.main(["--config", "recipes/tiny/ppo.yaml", "--init_from", sft_run.output_dir,
+                         "--reward_model", reward_run.output_dir, "--output_dir", str(output_dir),
+                         "--rollout_batch_size", "8", "--mini_batch_size", "4", "--ppo_epochs", "1",
+                         "--max_new_tokens", "24", "--gold_eval_prompts", "", "--save_merged", "false", *extra])
+
+
+def metrics_lines(output_dir):
+    return [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_resume_continues_exactly_like_an_uninterrupted_run(sft_run, reward_run, tmp_path):
+    short_run(sft_run, reward_run, tmp_path / "straight", "--steps", "3")
+    short_run(sft_run, reward_run, tmp_path / "resumed", "--steps", "2", "--save_steps", "1")
+    short_run(sft_run, reward_run, tmp_path / "resumed", "--steps", "3")  # picks up the step-2 checkpoint
+    straight, resumed = metrics_lines(tmp_path / "straight"), metrics_lines(tmp_path / "resumed")
+    assert [m["step"] for m in resumed] == [1, 2, 3]
+    for key in ("score/raw", "kl/sequence", "loss/policy", "loss/value"):
+        assert abs(straight[-1][key] - resumed[-1][key]) < 1e-4, key
+
+
+def test_separate_layout_runs_and_says_so(sft_run, reward_run, tmp_path):
+    manifest = short_run(sft_run, reward_run, tmp_path / "separate", "--steps", "1", "--layout", "separate")
+    assert manifest.extra["layout"] == "separate"
+    assert manifest.metrics["first"]["kl/sequence"] == 0.0
+    assert read_manifest(tmp_path / "separate").stage == "ppo"
+
+
+def test_two_processes_match_one(sft_run, reward_run, tmp_path):
+    common = ["-m", "rlhf.ppo", "--config", "recipes/tiny/ppo.yaml", "--init_from", sft_run.output_dir,
+              "--reward_model", reward_run.output_dir, "--steps", "2", "--mini_batch_size", "4", "--ppo_epochs", "1",
+              "--max_new_tokens", "24", "--gold_eval_prompts", "", "--save_merged", "false"]
+    runs = {"one": ("cpu.yaml", "16"), "two": ("cpu_2proc.yaml", "8")}  # same global batch of 16 prompts
+    for name, (config, per_process) in runs.items():
+        command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", f"recipes/accelerate/{config}",
+                   *common, "--rollout_batch_size", per_process, "--output_dir", str(tmp_path / name)]
+        result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=900)
+        assert result.returncode == 0, result.stderr[-3000:]
+    one, two = metrics_lines(tmp_path / "one"), metrics_lines(tmp_path / "two")
+    assert read_manifest(tmp_path / "two").extra["world_size"] == 2
+    # Same prompts, same model, different sampling streams: statistics agree within sampling noise.
+    assert one[0]["kl/sequence"] == two[0]["kl/sequence"] == 0.0
+    assert abs(one[0]["score/raw"] - two[0]["score/raw"]) < 0.5
+    assert abs(one[0]["response/length"] - two[0]["response/length"]) < 6
+    assert abs(one[-1]["score/gold"] - two[-1]["score/gold"]) < 0.2

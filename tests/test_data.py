@@ -1,0 +1,379 @@
+"""Tests for rlhf.data: reading, per-layout normalisation, validation errors and length checks."""
+
+import json
+
+import pytest
+
+from rlhf.data import (
+    DataError,
+    check_lengths,
+    hh_rlhf_to_messages,
+    load_preferences,
+    load_prompts,
+    load_sft,
+    normalise_preference_record,
+    normalise_prompt_record,
+    normalise_sft_record,
+    read_records,
+    to_dataset,
+)
+
+W = "src line 1"
+
+
+def user(text):
+    return {"role": "user", "content": text}
+
+
+def assistant(text):
+    return {"role": "assistant", "content": text}
+
+
+def system(text):
+    return {"role": "system", "content": text}
+
+
+def write_jsonl(path, records):
+    path.write_text("".join(json.dumps(record) + "\n" for record in records))
+    return str(path)
+
+
+# --------------------------------------------------------------------------- reading
+
+
+def test_jsonl_skips_blank_lines_and_counts_them(tmp_path):
+    path = tmp_path / "x.jsonl"
+    path.write_text('{"a": 1}\n\n   \n{"a": 2}\n')
+    assert read_records(str(path)) == [{"a": 1}, {"a": 2}]
+    path.write_text('{"a": 1}\n\n{"a": \n')
+    with pytest.raises(DataError, match=r"x\.jsonl line 3: not valid JSON"):
+        read_records(str(path))
+
+
+def test_jsonl_record_must_be_object(tmp_path):
+    path = tmp_path / "x.jsonl"
+    path.write_text('{"a": 1}\n[1, 2]\n')
+    with pytest.raises(DataError, match=r"x\.jsonl line 2: expected a JSON object, got list"):
+        read_records(str(path))
+
+
+def test_json_list_and_keyed_object(tmp_path):
+    path = tmp_path / "x.json"
+    path.write_text(json.dumps([{"a": 1}, {"a": 2}]))
+    assert read_records(str(path)) == [{"a": 1}, {"a": 2}]
+    path.write_text(json.dumps({"data": [{"a": 3}]}))
+    assert read_records(str(path)) == [{"a": 3}]
+    path.write_text(json.dumps({"train": [{"a": 4}], "test": [{"a": 5}]}))
+    assert read_records(str(path)) == [{"a": 4}]
+    assert read_records(str(path), split="test") == [{"a": 5}]
+    path.write_text(json.dumps({"rows": []}))
+    with pytest.raises(DataError, match=r"x\.json: expected a list of records.*'rows'"):
+        read_records(str(path))
+    path.write_text('[{"a": 1},\n {"a": }]')
+    with pytest.raises(DataError, match=r"x\.json line 2: not valid JSON"):
+        read_records(str(path))
+    path.write_text(json.dumps([{"a": 1}, 7]))
+    with pytest.raises(DataError, match=r"x\.json record 2: expected a JSON object, got int"):
+        read_records(str(path))
+
+
+def test_parquet(tmp_path):
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    path = tmp_path / "p.parquet"
+    table = pa.Table.from_pylist([
+        {"prompt": "hi", "chosen": "good", "rejected": "bad", "margin": 1},
+        {"prompt": "yo", "chosen": "fine", "rejected": "poor", "margin": None},
+    ])
+    pq.write_table(table, str(path))
+    assert read_records(str(path))[0] == {"prompt": "hi", "chosen": "good", "rejected": "bad", "margin": 1}
+    # The None that parquet fills in for an absent margin is treated as absent.
+    assert load_preferences(str(path)) == [
+        {"prompt": [user("hi")], "chosen": [assistant("good")], "rejected": [assistant("bad")], "margin": 1.0},
+        {"prompt": [user("yo")], "chosen": [assistant("fine")], "rejected": [assistant("poor")]},
+    ]
+
+
+def test_directory_with_split_file(tmp_path):
+    write_jsonl(tmp_path / "test.jsonl", [{"prompt": "q"}])
+    assert load_prompts(str(tmp_path), split="test") == [{"prompt": [user("q")]}]
+    with pytest.raises(DataError, match=r"train\.jsonl: file not found"):
+        read_records(str(tmp_path))
+
+
+def test_missing_file_unknown_extension_and_empty(tmp_path):
+    with pytest.raises(DataError, match=r"nope\.jsonl: file not found"):
+        read_records(str(tmp_path / "nope.jsonl"))
+    with pytest.raises(DataError, match=r"file not found"):
+        read_records("data/missing.json")
+    csv = tmp_path / "x.csv"
+    csv.write_text("a,b\n")
+    with pytest.raises(DataError, match=r"x\.csv: unsupported file type '\.csv'; "
+                                        r"supported: \.jsonl, \.json, \.parquet"):
+        read_records(str(csv))
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n\n")
+    with pytest.raises(DataError, match=r"empty\.jsonl: no records"):
+        read_records(str(empty))
+
+
+# --------------------------------------------------------------------------- SFT
+
+
+def test_sft_layouts():
+    messages = [user("hi"), assistant("hello")]
+    assert normalise_sft_record({"messages": messages}, W) == {"messages": messages}
+    assert normalise_sft_record({"prompt": "hi", "completion": "hello"}, W) == {"messages": messages}
+    assert normalise_sft_record({"prompt": [user("hi")], "completion": [assistant("hello")]}, W) == {
+        "messages": messages
+    }
+    assert normalise_sft_record({"prompt": "hi", "completion": "hello", "system": "be nice"}, W) == {
+        "messages": [system("be nice")] + messages
+    }
+    # Extra message keys are dropped; columnar None fields are ignored.
+    record = {"messages": [dict(user("hi"), name="x"), assistant("hello")], "prompt": None}
+    assert normalise_sft_record(record, W) == {"messages": messages}
+
+
+@pytest.mark.parametrize(
+    ("record", "pattern"),
+    [
+        ({"text": "hi"}, r"src line 1: unknown format; expected one of: 'messages'; 'prompt' \+ 'completion'; "
+                         r"found keys: \['text'\]"),
+        ({"prompt": "hi"}, r"src line 1, field 'completion': missing required field"),
+        ({"messages": "hi"}, r"field 'messages': expected a list of messages, got str"),
+        ({"messages": []}, r"field 'messages': expected a non-empty list"),
+        ({"messages": [{"role": "user"}]}, r"field 'messages\[0\]': expected a message with 'role' and 'content'"),
+        ({"messages": [user("hi"), {"role": "bot", "content": "x"}]},
+         r"field 'messages\[1\]\.role': expected one of system, user, assistant, got 'bot'"),
+        ({"messages": [user("hi"), {"role": "assistant", "content": 3}]},
+         r"field 'messages\[1\]\.content': expected a string, got int"),
+        ({"messages": [user("hi")]}, r"field 'messages': expected the conversation to end with an assistant turn"),
+        ({"messages": [user("hi"), assistant("  ")]}, r"field 'messages': empty response"),
+        ({"prompt": "hi", "completion": ""}, r"field 'completion': empty response"),
+        ({"prompt": " ", "completion": "ok"}, r"field 'prompt': prompt is empty"),
+        ({"prompt": "hi", "completion": 5}, r"field 'completion': expected a string or a list of messages, got int"),
+        ({"messages": [system("a"), user("hi"), assistant("ok")], "system": "b"},
+         r"field 'system': the conversation already starts with a system message"),
+        ({"prompt": "hi", "completion": "ok", "system": 1}, r"field 'system': expected a string"),
+    ],
+)
+def test_sft_errors(record, pattern):
+    with pytest.raises(DataError, match=pattern):
+        normalise_sft_record(record, W)
+
+
+def test_load_sft_error_names_file_line_and_field(tmp_path):
+    path = write_jsonl(tmp_path / "sft.jsonl", [{"prompt": "a", "completion": "b"}] * 2)
+    with open(path, "a") as handle:
+        handle.write("\n" + json.dumps({"messages": [user("a"), assistant("")]}) + "\n")
+    with pytest.raises(DataError, match=r"sft\.jsonl line 4, field 'messages': empty response"):
+        load_sft(path)
+
+
+# --------------------------------------------------------------------------- preferences
+
+
+def test_preference_explicit_strings_with_passthrough():
+    record = {"prompt": "q", "chosen": "good", "rejected": "bad", "subset": "chat", "id": 3}
+    assert normalise_preference_record(record, W) == {
+        "prompt": [user("q")], "chosen": [assistant("good")], "rejected": [assistant("bad")], "subset": "chat",
+    }
+    record = {"prompt": "q", "chosen": "good", "rejected": "bad", "category": "math", "margin": 2}
+    result = normalise_preference_record(record, W)
+    assert result["subset"] == "math" and result["margin"] == 2.0 and isinstance(result["margin"], float)
+
+
+def test_preference_explicit_messages_and_repeated_prompt():
+    prompt = [system("s"), user("q")]
+    record = {"prompt": prompt, "chosen": [assistant("good")], "rejected": [assistant("bad")]}
+    assert normalise_preference_record(record, W) == {
+        "prompt": prompt, "chosen": [assistant("good")], "rejected": [assistant("bad")],
+    }
+    # UltraFeedback-style: responses repeat the prompt turn, which is stripped.
+    record = {"prompt": "q", "chosen": [user("q"), assistant("good")], "rejected": [user("q"), assistant("bad")]}
+    assert normalise_preference_record(record, W) == {
+        "prompt": [user("q")], "chosen": [assistant("good")], "rejected": [assistant("bad")],
+    }
+
+
+def test_preference_implicit_prompt():
+    shared = [user("u1"), assistant("a1"), user("u2")]
+    record = {"chosen": shared + [assistant("good")], "rejected": shared + [assistant("bad")]}
+    assert normalise_preference_record(record, W) == {
+        "prompt": shared, "chosen": [assistant("good")], "rejected": [assistant("bad")],
+    }
+    # Conversations that diverge at an earlier assistant turn keep the rest as the response.
+    record = {"chosen": [user("u"), assistant("x"), user("more"), assistant("y")],
+              "rejected": [user("u"), assistant("z")]}
+    assert normalise_preference_record(record, W) == {
+        "prompt": [user("u")],
+        "chosen": [assistant("x"), user("more"), assistant("y")],
+        "rejected": [assistant("z")],
+    }
+
+
+def test_hh_rlhf_text_to_messages():
+    text = "\n\nHuman: hi\n\nAssistant: hello\n\nHuman: tell me\nmore\n\nAssistant: answer"
+    assert hh_rlhf_to_messages(text, W) == [
+        user("hi"), assistant("hello"), user("tell me\nmore"), assistant("answer"),
+    ]
+    assert hh_rlhf_to_messages("Human: hi\n\nAssistant: yo", W) == [user("hi"), assistant("yo")]
+    with pytest.raises(DataError, match=r"src line 1: expected an HH-RLHF transcript"):
+        hh_rlhf_to_messages("hello\n\nAssistant: yo", W)
+
+
+def test_preference_hh_rlhf_raw_layout(tmp_path):
+    common = "\n\nHuman: hi\n\nAssistant: hello\n\nHuman: more"
+    record = {"chosen": common + "\n\nAssistant: good answer", "rejected": common + "\n\nAssistant: bad answer"}
+    path = write_jsonl(tmp_path / "hh.jsonl", [record])
+    assert load_preferences(path) == [{
+        "prompt": [user("hi"), assistant("hello"), user("more")],
+        "chosen": [assistant("good answer")],
+        "rejected": [assistant("bad answer")],
+    }]
+
+
+@pytest.mark.parametrize(
+    ("record", "pattern"),
+    [
+        ({"text": "x"}, r"src line 1: unknown format; expected one of: 'prompt' \+ 'chosen' \+ 'rejected'.*"
+                        r"HH-RLHF.*found keys: \['text'\]"),
+        ({"prompt": "q", "chosen": "a"}, r"field 'rejected': missing required field"),
+        ({"prompt": "q", "chosen": 3, "rejected": "b"},
+         r"field 'chosen': expected a string or a list of messages, got int"),
+        ({"chosen": [system("s"), user("a"), assistant("x")], "rejected": [system("s"), user("b"), assistant("y")]},
+         r"fields 'chosen' and 'rejected': the shared prompt prefix is not followed by an assistant turn"),
+        ({"prompt": "q", "chosen": "a", "rejected": " "}, r"field 'rejected': empty response"),
+        ({"prompt": "", "chosen": "a", "rejected": "b"}, r"field 'prompt': prompt is empty"),
+        ({"prompt": "q", "chosen": "same", "rejected": "same"}, r"fields 'chosen' and 'rejected': identical"),
+        ({"prompt": "q", "chosen": [user("x")], "rejected": "b"},
+         r"field 'chosen': expected the conversation to end with an assistant turn, got 'user'"),
+        ({"chosen": "a", "rejected": "b"}, r"field 'prompt': missing required field"),
+        ({"chosen": [user("a"), assistant("x")], "rejected": [user("b"), assistant("y")]},
+         r"fields 'chosen' and 'rejected': no shared prompt prefix"),
+        ({"chosen": [user("a"), assistant("x")], "rejected": [user("a"), assistant("x")]},
+         r"fields 'chosen' and 'rejected': identical conversations"),
+        ({"chosen": [user("a"), assistant("x")], "rejected": 4}, r"field 'rejected': expected a string or a list"),
+        ({"prompt": "q", "chosen": "a", "rejected": "b", "margin": "big"}, r"field 'margin': expected a number"),
+        ({"chosen": "\n\nHuman: hi\n\nAssistant: same", "rejected": "\n\nHuman: hi\n\nAssistant: same"},
+         r"identical conversations"),
+        ({"chosen": "\n\nHuman: hi\n\nAssistant: ok", "rejected": "\n\nHuman: hi\n\nAssistant:"},
+         r"field 'rejected': empty response"),
+    ],
+)
+def test_preference_errors(record, pattern):
+    with pytest.raises(DataError, match=pattern):
+        normalise_preference_record(record, W)
+
+
+def test_load_preferences_error_names_file_line_and_field(tmp_path):
+    path = write_jsonl(tmp_path / "prefs.jsonl", [
+        {"prompt": "q", "chosen": "a", "rejected": "b"},
+        {"prompt": "q", "chosen": 1, "rejected": "b"},
+    ])
+    with pytest.raises(DataError, match=r"prefs\.jsonl line 2, field 'chosen': expected a string or a list"):
+        load_preferences(path)
+
+
+# --------------------------------------------------------------------------- prompts
+
+
+def test_prompt_layouts():
+    assert normalise_prompt_record({"prompt": "q", "item": "lamp", "n": 2, "tags": ["x"]}, W) == {
+        "prompt": [user("q")], "item": "lamp", "n": 2,
+    }
+    assert normalise_prompt_record({"prompt": [user("q"), assistant("ref")]}, W) == {"prompt": [user("q")]}
+    messages = [system("s"), user("q"), assistant("a"), user("q2"), assistant("a2")]
+    assert normalise_prompt_record({"messages": messages}, W) == {"prompt": messages[:-1]}
+    assert normalise_prompt_record({"messages": [user("q")]}, W) == {"prompt": [user("q")]}
+
+
+@pytest.mark.parametrize(
+    ("record", "pattern"),
+    [
+        ({"text": "q"}, r"src line 1: unknown format; expected one of: 'prompt'; 'messages'; "
+                        r"found keys: \['text'\]"),
+        ({"prompt": "   "}, r"field 'prompt': prompt is empty"),
+        ({"messages": [assistant("a")]}, r"field 'messages': prompt is empty"),
+        ({"prompt": 5}, r"field 'prompt': expected a string or a list of messages, got int"),
+    ],
+)
+def test_prompt_errors(record, pattern):
+    with pytest.raises(DataError, match=pattern):
+        normalise_prompt_record(record, W)
+
+
+def test_load_prompts(tmp_path):
+    path = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "q1", "item": "a"}, {"prompt": "q2", "item": "b"}])
+    assert load_prompts(path) == [{"prompt": [user("q1")], "item": "a"}, {"prompt": [user("q2")], "item": "b"}]
+
+
+def test_to_dataset_keeps_keys_missing_from_first_record():
+    dataset = to_dataset([{"a": 1}, {"a": 2, "b": "x"}])
+    assert dataset.column_names == ["a", "b"]
+    assert dataset[1] == {"a": 2, "b": "x"}
+
+
+# --------------------------------------------------------------------------- lengths
+
+
+@pytest.fixture
+def tokenizer():
+    """One token per whitespace-separated word; the template adds one token per role name."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer(models.WordLevel({"[UNK]": 0, "user": 1, "assistant": 2}, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    wrapped = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]")
+    wrapped.chat_template = (
+        "{% for m in messages %}{{ m['role'] }} {{ m['content'] }} {% endfor %}"
+        "{% if add_generation_prompt %}assistant {% endif %}"
+    )
+    return wrapped
+
+
+def preference(prompt_words, chosen_words, rejected_words):
+    return {"prompt": [user(" ".join(["w"] * prompt_words))],
+            "chosen": [assistant(" ".join(["c"] * chosen_words))],
+            "rejected": [assistant(" ".join(["r"] * rejected_words))]}
+
+
+def test_check_lengths_error_policy(tokenizer):
+    # prompt 3 words -> 4 tokens; prompt+rejected = 4 + 1 + 6 = 11 tokens.
+    records = [preference(3, 2, 2), preference(3, 2, 6)]
+    assert check_lengths(records, tokenizer, 11, "prefs.jsonl", "preference") == records
+    with pytest.raises(DataError, match=r"prefs\.jsonl record 2, field 'rejected': 11 tokens, longer than "
+                                        r"max_length 10; raise max_length or use policy 'truncate' or 'drop'"):
+        check_lengths(records, tokenizer, 10, "prefs.jsonl", "preference")
+
+
+def test_check_lengths_drop_policy(tokenizer):
+    records = [preference(3, 2, 2), preference(3, 6, 2)]
+    assert check_lengths(records, tokenizer, 10, "p", "preference", policy="drop") == records[:1]
+    with pytest.raises(DataError, match=r"p: all 2 records are longer than max_length 5"):
+        check_lengths(records, tokenizer, 5, "p", "preference", policy="drop")
+
+
+def test_check_lengths_truncate_policy(tokenizer):
+    records = [preference(3, 2, 2), preference(3, 20, 2)]
+    assert check_lengths(records, tokenizer, 10, "p", "preference", policy="truncate") == records
+    # Prompt rendered with the generation prompt: user + 3 words + assistant = 5 tokens.
+    with pytest.raises(DataError, match=r"p record 1, field 'prompt': 5 tokens on its own, "
+                                        r"not below max_length 5"):
+        check_lengths(records, tokenizer, 5, "p", "preference", policy="truncate")
+
+
+def test_check_lengths_sft_and_prompt_kinds(tokenizer):
+    sft = [{"messages": [user("a b"), assistant("c d e")]}]  # 3 + 4 = 7 tokens
+    assert check_lengths(sft, tokenizer, 7, "s", "sft") == sft
+    with pytest.raises(DataError, match=r"s record 1, field 'messages': 7 tokens"):
+        check_lengths(sft, tokenizer, 6, "s", "sft")
+    prompts = [{"prompt": [user("a b")], "item": "x"}]  # 3 + generation prompt 1 = 4 tokens
+    assert check_lengths(prompts, tokenizer, 4, "q", "prompt") == prompts
+    with pytest.raises(DataError, match=r"q record 1, field 'prompt': 4 tokens"):
+        check_lengths(prompts, tokenizer, 3, "q", "prompt")
+    with pytest.raises(ValueError, match="policy"):
+        check_lengths(prompts, tokenizer, 3, "q", "prompt", policy="shrink")

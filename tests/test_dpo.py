@@ -1,0 +1,89 @@
+"""DPO stage: improves the gold reward over SFT, reference = adapter disabled on one model, loss variants."""
+
+import gc
+
+import pytest
+import torch
+
+from conftest import TINY_DATA
+from rlhf.config import ModelArgs, parse_args
+from rlhf.data import load_preferences, to_dataset
+from rlhf.generation import pad_batch, response_logprobs
+from rlhf.models import load_stage_output, load_start_model, lora_config
+
+
+def test_dpo_improves_gold_reward_over_sft(dpo_run, sft_run):
+    sft_gold = sft_run.metrics["gold"]["gold_reward"]["mean"]
+    dpo_gold = dpo_run.metrics["gold"]["gold_reward"]["mean"]
+    assert dpo_gold >= 1.25 * sft_gold, (sft_gold, dpo_gold)
+    assert dpo_run.metrics["eval_rewards/accuracies"] > 0.6
+    assert dpo_run.extra["reference"].startswith("parent policy")
+
+
+def _logprobs(model, tokenizer, pairs):
+    prompts = [list(tokenizer.apply_chat_template(p["prompt"], add_generation_prompt=True, return_dict=False)) for p in pairs]
+    responses = [tokenizer(p["chosen"][0]["content"] + tokenizer.eos_token, add_special_tokens=False)["input_ids"] for p in pairs]
+    prompt_ids, prompt_mask = pad_batch(prompts, tokenizer.pad_token_id, "left")
+    response_ids, response_mask = pad_batch(responses, tokenizer.pad_token_id, "right")
+    with torch.no_grad():
+        return response_logprobs(model, prompt_ids, prompt_mask, response_ids, response_mask)
+
+
+def count_models():
+    from transformers import PreTrainedModel
+
+    gc.collect()
+    return sum(isinstance(obj, PreTrainedModel) for obj in gc.get_objects())
+
+
+def test_reference_is_the_sft_policy_with_the_adapter_disabled(sft_run, tmp_path):
+    from trl import DPOConfig, DPOTrainer
+
+    pairs = load_preferences(str(TINY_DATA / "prefs_train.jsonl"))[:32]
+    model_args = ModelArgs(init_from=sft_run.output_dir)
+    models_before = count_models()
+    model, tokenizer, _, _ = load_start_model(model_args, ("sft",))
+    args = DPOConfig(output_dir=str(tmp_path), max_steps=3, per_device_train_batch_size=8, learning_rate=5e-3,
+                     bf16=False, report_to="none", logging_steps=1, save_strategy="no")
+    trainer = DPOTrainer(model=model, ref_model=None, args=args, train_dataset=to_dataset(pairs),
+                         processing_class=tokenizer, peft_config=lora_config(model_args))
+    trainer.train()
+    assert trainer.ref_model is None
+    assert count_models() - models_before == 1  # the policy; no reference copy
+
+    policy = trainer.model.eval()
+    sft_policy = load_stage_output(sft_run, ModelArgs()).eval()
+    sft_logprobs = _logprobs(sft_policy, tokenizer, pairs[:8])
+    with policy.disable_adapter():
+        reference_logprobs = _logprobs(policy, tokenizer, pairs[:8])
+    torch.testing.assert_close(reference_logprobs, sft_logprobs, atol=1e-4, rtol=1e-4)
+    assert not torch.allclose(_logprobs(policy, tokenizer, pairs[:8]), sft_logprobs, atol=1e-3)  # DPO moved the policy
+
+
+def test_loss_variants_and_weights_parse():
+    from rlhf import dpo
+
+    _, _, config, _ = parse_args(dpo.ARG_TYPES, ["--output_dir", "x", "--loss_type", "sigmoid", "sft",
+                                                 "--loss_weights", "0.8", "0.2", "--beta", "0.3",
+                                                 "--label_smoothing", "0.1", "--bf16", "false"])
+    assert config.loss_type == ["sigmoid", "sft"]
+    assert config.loss_weights == [0.8, 0.2]
+    assert (config.beta, config.label_smoothing) == (0.3, 0.1)
+
+
+@pytest.mark.parametrize("extra", [
+    ["--loss_type", "ipo"],
+    ["--loss_type", "sigmoid", "apo_zero", "--loss_weights", "0.5", "0.5"],
+    ["--precompute_ref_log_probs", "true"],
+])
+def test_short_runs_with_other_losses_and_precomputed_reference(sft_run, tmp_path, extra):
+    from rlhf import dpo
+
+    manifest = dpo.main(["--config", "recipes/tiny/dpo.yaml", "--init_from", sft_run.output_dir,
+                         "--output_dir", str(tmp_path / "dpo"), "--max_steps", "3", "--max_train_samples", "48",
+                         "--eval_data", "", "--gold_eval_prompts", "", "--save_merged", "false", *extra])
+    assert manifest.metrics["steps"] == 3
+    assert manifest.extra["loss_type"] == (extra[1:extra.index("--loss_weights")] if "--loss_weights" in extra
+                                           else extra[1:2] if extra[0] == "--loss_type" else ["sigmoid"])
+    assert torch.isfinite(torch.tensor(manifest.metrics["train_loss"]))
+    assert manifest.config["training"]["precompute_ref_log_probs"] == ("--precompute_ref_log_probs" in extra)

@@ -1,0 +1,85 @@
+"""Reward-model stage and eval-rm on the tiny task."""
+
+import json
+import subprocess
+import sys
+
+import torch
+from safetensors import safe_open
+
+from conftest import REPO, TINY_DATA
+from rlhf.config import ModelArgs
+from rlhf.data import load_preferences
+from rlhf.evaluate.scoring import score_pairs
+from rlhf.manifest import Manifest, read_manifest
+from rlhf.models import load_stage_output, stage_tokenizer
+
+TEST_PAIRS = str(TINY_DATA / "prefs_test.jsonl")
+
+
+def test_reward_model_ranks_held_out_pairs(reward_run):
+    metrics = reward_run.metrics
+    assert metrics["eval_accuracy"] >= 0.85  # held-out pairs labelled by the gold ranking
+    assert metrics["last_logged_loss"] < metrics["first_logged_loss"]
+    # Statistics PPO normalises with.
+    assert metrics["reward_std"] > 0
+    assert abs(metrics["reward_mean"]) < 10
+    assert reward_run.extra["head"] == "reward"
+    assert reward_run.parent_manifest["stage"] == "sft"
+
+
+def test_score_head_is_saved_and_reloads_to_identical_scores(reward_run):
+    with safe_open(str(reward_run.path("adapter") + "/adapter_model.safetensors"), "pt") as adapter:
+        assert any(".score." in key for key in adapter.keys())  # the head travels with the adapter
+    pairs = load_preferences(TEST_PAIRS)[:16]
+    model_args = ModelArgs()
+    tokenizer = stage_tokenizer(reward_run, model_args)
+    from_merged = score_pairs(load_stage_output(reward_run, model_args), tokenizer, pairs)
+    # The same stage rebuilt from the SFT parent + this adapter, ignoring the merged copy.
+    without_merged = Manifest(**{**reward_run.__dict__, "merged_path": None})
+    from_adapter = score_pairs(load_stage_output(without_merged, model_args), tokenizer, pairs)
+    torch.testing.assert_close(torch.tensor(from_merged["chosen"]), torch.tensor(from_adapter["chosen"]), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(torch.tensor(from_merged["rejected"]), torch.tensor(from_adapter["rejected"]), atol=1e-4, rtol=1e-4)
+
+
+def test_eval_rm_report_matches_scores(reward_run, tmp_path):
+    from rlhf.evaluate import rm
+
+    out = tmp_path / "eval"
+    results = rm.main(["--model", reward_run.output_dir, "--data", TEST_PAIRS, "--out", str(out)])
+    report = json.loads((out / "report.json").read_text())
+    rows = [json.loads(line) for line in (out / "scores.jsonl").read_text().splitlines()]
+    assert len(rows) == report["n_pairs"] == len(load_preferences(TEST_PAIRS))
+    assert report["accuracy"]["mean"] == sum(row["correct"] for row in rows) / len(rows)
+    assert report["accuracy"]["mean"] >= 0.85
+    assert results[reward_run.output_dir]["accuracy"] == report["accuracy"]
+    for name in ("report.md", "reward_histogram.png", "calibration.png", "margin_histogram.png"):
+        assert (out / name).stat().st_size > 0
+    assert "Accuracy" in (out / "report.md").read_text() or "accuracy" in (out / "report.md").read_text()
+
+
+def test_eval_rm_two_processes_equal_one(reward_run, tmp_path):
+    base = [sys.executable, "-m", "accelerate.commands.launch"]
+    args = ["-m", "rlhf.evaluate.rm", "--model", reward_run.output_dir, "--data", TEST_PAIRS, "--max_samples", "50",
+            "--plots", "false"]
+    outputs = {}
+    for name, config in [("one", "cpu.yaml"), ("two", "cpu_2proc.yaml")]:
+        command = base + ["--config_file", f"recipes/accelerate/{config}"] + args + ["--out", str(tmp_path / name)]
+        result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
+        assert result.returncode == 0, result.stderr[-3000:]
+        outputs[name] = [json.loads(line) for line in (tmp_path / name / "scores.jsonl").read_text().splitlines()]
+    assert [row["index"] for row in outputs["two"]] == list(range(50))
+    for one, two in zip(outputs["one"], outputs["two"]):
+        assert abs(one["chosen_score"] - two["chosen_score"]) < 1e-4
+        assert abs(one["rejected_score"] - two["rejected_score"]) < 1e-4
+
+
+def test_eval_rm_refuses_a_policy_folder(sft_run, capsys):
+    from rlhf.cli import main
+
+    assert main(["eval-rm", "--model", sft_run.output_dir, "--data", TEST_PAIRS]) == 1
+    assert "not a reward model" in capsys.readouterr().err
+
+
+def test_manifest_on_disk_matches_returned(reward_run):
+    assert read_manifest(reward_run.output_dir).metrics == reward_run.metrics
