@@ -9,6 +9,7 @@ import importlib
 import sys
 
 COMMANDS = {
+    "pipeline": ("rlhf.pipeline", "run SFT -> reward -> DPO/PPO -> evaluation from one pipeline recipe"),
     "sft": ("rlhf.sft", "supervised fine-tuning with a LoRA adapter"),
     "reward": ("rlhf.reward", "reward-model training (Bradley-Terry) from the SFT stage"),
     "dpo": ("rlhf.dpo", "direct preference optimisation from the SFT stage (reference = adapter off)"),

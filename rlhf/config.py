@@ -46,6 +46,13 @@ class ModelArgs:
     lora_target_modules: list[str] = field(
         default_factory=lambda: ["all-linear"], metadata={"help": "Modules to adapt; 'all-linear' adapts every linear layer."}
     )
+    lora_modules_to_save: list[str] = field(
+        default_factory=list, metadata={"help": "Modules trained in full and saved with the adapter (e.g. norm)."}
+    )
+    lora_trainable_tokens: list[str] = field(
+        default_factory=list, metadata={"help": "Tokens whose embeddings train with the adapter (e.g. <|im_end|>, "
+                                                "when the chat template's special tokens were never trained)."}
+    )
 
 
 @dataclass

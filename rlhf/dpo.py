@@ -23,6 +23,7 @@ from rlhf.stage import (
     load_gold_prompts,
     prepare_checkpoints,
     require,
+    stage_config,
     training_metrics,
 )
 
@@ -45,7 +46,6 @@ def main(argv: list[str] | None = None):
     require(data_args.train_data, "train_data", STAGE)
     output_dir = training_args.output_dir
     lock = hold_output_lock(output_dir)  # noqa: F841  (held until the process ends)
-    resume_from = prepare_checkpoints(training_args, output_dir)
 
     # Data
     from rlhf import data
@@ -61,6 +61,8 @@ def main(argv: list[str] | None = None):
     from rlhf.models import load_start_model, lora_config
 
     model, tokenizer, base_model, parent = load_start_model(model_args, PARENT_STAGES)
+    config = stage_config(model_args, data_args, training_args, stage_args, parent)
+    resume_from = prepare_checkpoints(training_args, output_dir, config)
     if training_args.max_length:
         train_pairs = data.check_lengths(train_pairs, tokenizer, training_args.max_length, data_args.train_data, "preference", data_args.length_policy)
 
@@ -86,11 +88,11 @@ def main(argv: list[str] | None = None):
     # Save
     reference = REFERENCE if model_args.use_lora else "separate frozen copy of the parent policy (full fine-tuning)"
     return finish_stage(
-        trainer, STAGE, output_dir, model_args, data_args=data_args, training_args=training_args,
+        trainer, STAGE, output_dir, model_args, data_args=data_args, config=config,
         base_model=base_model, parent=parent, metrics=metrics,
         extra={"reference": reference, "parent_adapter": "merged" if parent else None,
                "loss_type": list(training_args.loss_type), "beta": training_args.beta},
-        stage_args=stage_args, save_merged=stage_args.save_merged, gold_prompts=gold_prompts,
+        save_merged=stage_args.save_merged, gold_prompts=gold_prompts,
     )
 
 

@@ -141,19 +141,29 @@ def load_start_model(model_args: ModelArgs, parent_stages: tuple[str, ...], head
     return model, tokenizer, base_path, parent
 
 
-def lora_config(model_args: ModelArgs, task_type: str = "CAUSAL_LM", modules_to_save: list[str] | None = None):
+def lora_config(model_args: ModelArgs, task_type: str = "CAUSAL_LM", modules_to_save: list[str] | None = None,
+                tokenizer=None):
     if not model_args.use_lora:
         return None
     from peft import LoraConfig
 
     targets = model_args.lora_target_modules
+    trainable_tokens = None
+    if model_args.lora_trainable_tokens:
+        if tokenizer is None:
+            raise ConfigError("lora_trainable_tokens needs the tokenizer to find the token ids")
+        unknown = [token for token in model_args.lora_trainable_tokens if token not in tokenizer.get_vocab()]
+        if unknown:
+            raise ConfigError(f"lora_trainable_tokens: {unknown} are not tokens of this tokenizer")
+        trainable_tokens = [tokenizer.convert_tokens_to_ids(token) for token in model_args.lora_trainable_tokens]
     return LoraConfig(
         r=model_args.lora_r,
         lora_alpha=model_args.lora_alpha,
         lora_dropout=model_args.lora_dropout,
         target_modules=targets[0] if targets == ["all-linear"] else targets,
         task_type=task_type,
-        modules_to_save=modules_to_save,
+        modules_to_save=(modules_to_save or []) + model_args.lora_modules_to_save or None,
+        trainable_token_indices=trainable_tokens,
     )
 
 

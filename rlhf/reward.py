@@ -22,6 +22,7 @@ from rlhf.stage import (
     hold_output_lock,
     prepare_checkpoints,
     require,
+    stage_config,
     training_metrics,
 )
 
@@ -47,7 +48,6 @@ def main(argv: list[str] | None = None):
     require(data_args.train_data, "train_data", STAGE)
     output_dir = training_args.output_dir
     lock = hold_output_lock(output_dir)  # noqa: F841  (held until the process ends)
-    resume_from = prepare_checkpoints(training_args, output_dir)
 
     # Data
     from rlhf import data
@@ -62,6 +62,8 @@ def main(argv: list[str] | None = None):
     from rlhf.models import REWARD, load_start_model, lora_config
 
     model, tokenizer, base_model, parent = load_start_model(model_args, PARENT_STAGES, head=REWARD)
+    config = stage_config(model_args, data_args, training_args, stage_args, parent)
+    resume_from = prepare_checkpoints(training_args, output_dir, config)
     if training_args.max_length:
         train_pairs = data.check_lengths(train_pairs, tokenizer, training_args.max_length, data_args.train_data, "preference", data_args.length_policy)
 
@@ -74,7 +76,7 @@ def main(argv: list[str] | None = None):
         train_dataset=data.to_dataset(train_pairs),
         eval_dataset=data.to_dataset(eval_pairs) if eval_pairs else None,
         processing_class=tokenizer,
-        peft_config=lora_config(model_args, task_type="SEQ_CLS", modules_to_save=["score"]),
+        peft_config=lora_config(model_args, task_type="SEQ_CLS", modules_to_save=["score"], tokenizer=tokenizer),
         callbacks=[NonFiniteLossGuard()],
     )
     train_result = trainer.train(resume_from_checkpoint=resume_from)
@@ -99,9 +101,9 @@ def main(argv: list[str] | None = None):
 
     # Save
     return finish_stage(
-        trainer, STAGE, output_dir, model_args, data_args=data_args, training_args=training_args,
+        trainer, STAGE, output_dir, model_args, data_args=data_args, config=config,
         base_model=base_model, parent=parent, metrics=metrics,
-        extra={"head": REWARD}, stage_args=stage_args, save_merged=stage_args.save_merged,
+        extra={"head": REWARD}, save_merged=stage_args.save_merged,
         after_save=reward_statistics,
     )
 

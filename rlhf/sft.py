@@ -21,6 +21,7 @@ from rlhf.stage import (
     load_gold_prompts,
     prepare_checkpoints,
     require,
+    stage_config,
     training_metrics,
 )
 
@@ -42,7 +43,6 @@ def main(argv: list[str] | None = None):
     require(data_args.train_data, "train_data", STAGE)
     output_dir = training_args.output_dir
     lock = hold_output_lock(output_dir)  # noqa: F841  (held until the process ends)
-    resume_from = prepare_checkpoints(training_args, output_dir)
 
     # Data: everything is validated before the model is even loaded.
     from rlhf import data
@@ -57,6 +57,8 @@ def main(argv: list[str] | None = None):
     from rlhf.models import load_start_model, lora_config
 
     model, tokenizer, base_model, parent = load_start_model(model_args, PARENT_STAGES)
+    config = stage_config(model_args, data_args, training_args, stage_args, parent)
+    resume_from = prepare_checkpoints(training_args, output_dir, config)
     if training_args.max_length:
         train_records = data.check_lengths(train_records, tokenizer, training_args.max_length, data_args.train_data, "sft", data_args.length_policy)
 
@@ -79,10 +81,10 @@ def main(argv: list[str] | None = None):
 
     # Save
     return finish_stage(
-        trainer, STAGE, output_dir, model_args, data_args=data_args, training_args=training_args,
+        trainer, STAGE, output_dir, model_args, data_args=data_args, config=config,
         base_model=base_model, parent=parent, metrics=metrics,
         extra={"assistant_only_loss": training_args.assistant_only_loss},
-        stage_args=stage_args, save_merged=stage_args.save_merged, gold_prompts=gold_prompts,
+        save_merged=stage_args.save_merged, gold_prompts=gold_prompts,
     )
 
 

@@ -42,14 +42,32 @@ def hold_output_lock(output_dir: str):
     return handle  # keep a reference: the lock lives as long as this file object
 
 
-def prepare_checkpoints(training_args, output_dir: str) -> str | None:
-    """Point the trainer at <output_dir>/checkpoints; return the checkpoint to resume from, if a run was cut short."""
+def prepare_checkpoints(training_args, output_dir: str, config: dict) -> str | None:
+    """Point the trainer at <output_dir>/checkpoints; return the checkpoint to resume from, if a run with the same
+    configuration was cut short. Checkpoints of a different configuration are refused, not silently resumed."""
+    from rlhf.manifest import config_hash
+
     checkpoint_dir = Path(output_dir) / "checkpoints"
     training_args.output_dir = str(checkpoint_dir)
+    check_checkpoint_config(checkpoint_dir, config_hash(config))
     last = get_last_checkpoint(str(checkpoint_dir)) if checkpoint_dir.is_dir() else None
     if last:
         logger.warning("resuming from %s", last)
     return last
+
+
+def check_checkpoint_config(checkpoint_dir: Path, wanted_hash: str) -> None:
+    """Record which configuration the checkpoints in this folder belong to, or refuse if it is another one."""
+    from rlhf.manifest import atomic_write
+
+    record = checkpoint_dir / "config_hash.txt"
+    if record.is_file() and record.read_text().strip() != wanted_hash:
+        raise StageError(
+            f"{checkpoint_dir} holds checkpoints of a different configuration (hash {record.read_text().strip()}, "
+            f"this run {wanted_hash}); delete that folder to start over, or use another output_dir"
+        )
+    if is_main_process():
+        atomic_write(record, wanted_hash + "\n")
 
 
 class NonFiniteLossGuard(TrainerCallback):
@@ -104,18 +122,38 @@ def finish_stage(trainer, stage: str, output_dir: str, model_args: ModelArgs, **
     return write_stage(stage, output_dir, model_args, tokenizer=trainer.processing_class, **details)
 
 
+def stage_config(model_args: ModelArgs, data_args: DataArgs, training_args, stage_args=None,
+                 parent: Manifest | None = None) -> dict:
+    """The resolved configuration a stage records and hashes, computed before any trainer can touch the arguments.
+    It includes the hashes of the stages it depends on (parent, reward model), so a changed upstream stage makes
+    every stage after it stale; it leaves out where outputs go, which is not part of what was trained."""
+    from rlhf.manifest import read_manifest
+
+    config = {
+        "model": to_plain_dict(model_args),
+        "data": to_plain_dict(data_args),
+        "training": to_plain_dict(training_args),
+        **({"stage": to_plain_dict(stage_args)} if stage_args is not None else {}),
+        "parent_config_hash": parent.config_hash if parent else None,
+    }
+    config["training"].pop("output_dir", None)
+    reward_model = getattr(training_args, "reward_model", None)
+    if reward_model:
+        config["reward_config_hash"] = read_manifest(reward_model).config_hash
+    return config
+
+
 def write_stage(
     stage: str,
     output_dir: str,
     model_args: ModelArgs,
     data_args: DataArgs,
-    training_args,
+    config: dict,
     base_model: str,
     parent: Manifest | None,
     metrics: dict,
     tokenizer,
     extra: dict | None = None,
-    stage_args=None,
     save_merged: bool = True,
     gold_prompts: list[list[dict]] | None = None,
     after_save=None,
@@ -137,23 +175,17 @@ def write_stage(
         merged_path=None if adapter_path else "merged",
         parent=str(Path(parent.output_dir).resolve()) if parent else None,
         parent_manifest={key: value for key, value in parent.__dict__.items() if key != "parent_manifest"} if parent else None,
-        config={
-            "model": to_plain_dict(model_args),
-            "data": to_plain_dict(data_args),
-            "training": to_plain_dict(training_args),
-            **({"stage": to_plain_dict(stage_args)} if stage_args is not None else {}),
-        },
+        config=config,
         metrics=metrics,
         extra=extra or {},
     )
-    manifest.config["training"].pop("output_dir", None)  # where checkpoints go is not part of what was trained
     if adapter_path and save_merged:
         manifest.merged_path = save_merged_copy(manifest, model_args)
     if gold_prompts and data_args.gold_reward:
         from rlhf.evaluate.policy import gold_report, load_gold_reward
 
         policy = load_stage_output(manifest, model_args)
-        seed = getattr(training_args, "seed", 0)
+        seed = config["training"].get("seed", 0)
         report = gold_report(policy, tokenizer, gold_prompts, load_gold_reward(data_args.gold_reward), seed=seed)
         manifest.metrics["gold"] = report
         logger.warning("%s gold reward %.3f, EOS rate %.2f", stage, report["gold_reward"]["mean"], report["eos_rate"])

@@ -62,3 +62,16 @@ def ppo_run(sft_run, reward_run, tmp_path_factory):
     os.chdir(REPO)
     return trainer.main(["--config", "recipes/tiny/ppo.yaml", "--init_from", sft_run.output_dir,
                          "--reward_model", reward_run.output_dir, "--output_dir", str(output_dir)])
+
+
+@pytest.fixture(scope="session")
+def lora_reward_run(sft_run, tmp_path_factory):
+    """A short LoRA reward model (adapter + score head) on the session's SFT run: the shape real models use."""
+    from rlhf import reward
+
+    output_dir = tmp_path_factory.mktemp("runs") / "reward_lora"
+    os.chdir(REPO)
+    return reward.main(["--config", "recipes/tiny/reward.yaml", "--init_from", sft_run.output_dir,
+                        "--output_dir", str(output_dir), "--use_lora", "true", "--lora_r", "16", "--lora_alpha", "32",
+                        "--learning_rate", "2e-3", "--max_steps", "20", "--stats_samples", "64",
+                        "--eval_data", "", "--save_merged", "false"])

@@ -72,7 +72,7 @@ def test_loss_variants_and_weights_parse():
 
 
 @pytest.mark.parametrize("extra", [
-    ["--loss_type", "ipo"],
+    ["--loss_type", "ipo", "--loss_weights", "1.0"],
     ["--loss_type", "sigmoid", "apo_zero", "--loss_weights", "0.5", "0.5"],
     ["--precompute_ref_log_probs", "true"],
 ])
@@ -83,7 +83,8 @@ def test_short_runs_with_other_losses_and_precomputed_reference(sft_run, tmp_pat
                          "--output_dir", str(tmp_path / "dpo"), "--max_steps", "3", "--max_train_samples", "48",
                          "--eval_data", "", "--gold_eval_prompts", "", "--save_merged", "false", *extra])
     assert manifest.metrics["steps"] == 3
-    assert manifest.extra["loss_type"] == (extra[1:extra.index("--loss_weights")] if "--loss_weights" in extra
-                                           else extra[1:2] if extra[0] == "--loss_type" else ["sigmoid"])
+    recipe_losses = ["sigmoid", "sft"]
+    expected = extra[1:extra.index("--loss_weights")] if "--loss_type" in extra else recipe_losses
+    assert manifest.extra["loss_type"] == expected
     assert torch.isfinite(torch.tensor(manifest.metrics["train_loss"]))
     assert manifest.config["training"]["precompute_ref_log_probs"] == ("--precompute_ref_log_probs" in extra)

@@ -11,7 +11,7 @@ from conftest import REPO, TINY_DATA
 from rlhf.config import ModelArgs
 from rlhf.data import load_preferences
 from rlhf.evaluate.scoring import score_pairs
-from rlhf.manifest import Manifest, read_manifest
+from rlhf.manifest import read_manifest
 from rlhf.models import load_stage_output, stage_tokenizer
 
 TEST_PAIRS = str(TINY_DATA / "prefs_test.jsonl")
@@ -28,18 +28,37 @@ def test_reward_model_ranks_held_out_pairs(reward_run):
     assert reward_run.parent_manifest["stage"] == "sft"
 
 
-def test_score_head_is_saved_and_reloads_to_identical_scores(reward_run):
-    with safe_open(str(reward_run.path("adapter") + "/adapter_model.safetensors"), "pt") as adapter:
+def test_lora_score_head_is_saved_and_reloads_to_identical_scores(lora_reward_run, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification
+
+    adapter_dir = lora_reward_run.path("adapter")
+    with safe_open(adapter_dir + "/adapter_model.safetensors", "pt") as adapter:
         assert any(".score." in key for key in adapter.keys())  # the head travels with the adapter
     pairs = load_preferences(TEST_PAIRS)[:16]
     model_args = ModelArgs()
-    tokenizer = stage_tokenizer(reward_run, model_args)
-    from_merged = score_pairs(load_stage_output(reward_run, model_args), tokenizer, pairs)
-    # The same stage rebuilt from the SFT parent + this adapter, ignoring the merged copy.
-    without_merged = Manifest(**{**reward_run.__dict__, "merged_path": None})
-    from_adapter = score_pairs(load_stage_output(without_merged, model_args), tokenizer, pairs)
-    torch.testing.assert_close(torch.tensor(from_merged["chosen"]), torch.tensor(from_adapter["chosen"]), atol=1e-4, rtol=1e-4)
-    torch.testing.assert_close(torch.tensor(from_merged["rejected"]), torch.tensor(from_adapter["rejected"]), atol=1e-4, rtol=1e-4)
+    tokenizer = stage_tokenizer(lora_reward_run, model_args)
+    ours = score_pairs(load_stage_output(lora_reward_run, model_args), tokenizer, pairs)
+    # Plain transformers + peft: the SFT policy as a classifier, plus this adapter (LoRA + score head).
+    sft_dir = lora_reward_run.parent
+    base = AutoModelForSequenceClassification.from_pretrained(f"{sft_dir}/merged", num_labels=1)
+    base.config.pad_token_id = tokenizer.pad_token_id
+    plain = PeftModel.from_pretrained(base, adapter_dir).eval()
+    theirs = score_pairs(plain, tokenizer, pairs)
+    torch.testing.assert_close(torch.tensor(ours["chosen"]), torch.tensor(theirs["chosen"]), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(torch.tensor(ours["rejected"]), torch.tensor(theirs["rejected"]), atol=1e-4, rtol=1e-4)
+    assert lora_reward_run.metrics["reward_std"] > 0
+
+
+def test_full_reward_model_reloads_to_identical_scores(reward_run):
+    from transformers import AutoModelForSequenceClassification
+
+    pairs = load_preferences(TEST_PAIRS)[:16]
+    tokenizer = stage_tokenizer(reward_run, ModelArgs())
+    ours = score_pairs(load_stage_output(reward_run, ModelArgs()), tokenizer, pairs)
+    plain = AutoModelForSequenceClassification.from_pretrained(reward_run.path(reward_run.merged_path)).eval()
+    theirs = score_pairs(plain, tokenizer, pairs)
+    assert ours == theirs
 
 
 def test_eval_rm_report_matches_scores(reward_run, tmp_path):

@@ -54,20 +54,27 @@ def head_from_weights(weights: dict | None, hidden_size: int, dtype) -> nn.Linea
 class SharedBaseModels(nn.Module):
     layout = "shared"
 
-    def __init__(self, policy_base, model_args: ModelArgs, reward: Manifest, value_init: str):
+    def __init__(self, policy_base, model_args: ModelArgs, reward: Manifest, value_init: str, separate_reward=None):
         super().__init__()
         from peft import get_peft_model, set_peft_model_state_dict
 
-        if not reward.adapter_path:
-            raise ConfigError("layout 'shared' needs a reward model trained as a LoRA adapter; use layout: separate")
         self.model = get_peft_model(policy_base, lora_config(model_args), adapter_name=POLICY)
-        reward_config, reward_tensors = read_adapter(reward.path(reward.adapter_path))
-        reward_lora, reward_head = split_head_weights(reward_tensors)
-        reward_config.modules_to_save, reward_config.task_type, reward_config.inference_mode = None, "CAUSAL_LM", False
         hidden_size, dtype = policy_base.config.hidden_size, policy_base.dtype
-        self.model.add_adapter(REWARD_ADAPTER, reward_config)
-        set_peft_model_state_dict(self.model, reward_lora, adapter_name=REWARD_ADAPTER)
-        self.reward_head = head_from_weights(reward_head, hidden_size, dtype).requires_grad_(False)
+        self.reward_model = separate_reward
+        if separate_reward is None:  # the reward model is an adapter + score head on this same base
+            reward_config, reward_tensors = read_adapter(reward.path(reward.adapter_path))
+            reward_lora, reward_head = split_head_weights(reward_tensors)
+            reward_config.modules_to_save, reward_config.task_type, reward_config.inference_mode = None, "CAUSAL_LM", False
+            self.model.add_adapter(REWARD_ADAPTER, reward_config)
+            set_peft_model_state_dict(self.model, reward_lora, adapter_name=REWARD_ADAPTER)
+            self.reward_head = head_from_weights(reward_head, hidden_size, dtype).requires_grad_(False)
+        else:
+            self.reward_model.requires_grad_(False).eval()
+            if value_init == "reward":
+                raise ConfigError(
+                    "value_init: reward copies the reward model's adapter and head, but this reward model was trained "
+                    "in full (no adapter on the policy's base). Use value_init: policy, or layout: separate."
+                )
         if value_init == "reward":
             self.model.add_adapter(VALUE, reward_config)
             set_peft_model_state_dict(self.model, reward_lora, adapter_name=VALUE)
@@ -77,6 +84,10 @@ class SharedBaseModels(nn.Module):
             self.value_head = head_from_weights(None, hidden_size, dtype)
         self._trainable = [p for n, p in self.model.named_parameters() if f".{POLICY}." in n or f".{VALUE}." in n]
         self._use(POLICY)
+
+    @property
+    def reward_placement(self) -> str:
+        return "adapter on the shared base" if self.reward_model is None else "separate model (trained in full)"
 
     def _use(self, adapter: str) -> None:
         # peft's set_adapter freezes every other adapter; policy and value both train, so turn them back on.
@@ -108,6 +119,8 @@ class SharedBaseModels(nn.Module):
     @torch.no_grad()
     def scores(self, input_ids, attention_mask):
         """Reward at the last real token of right-padded sequences."""
+        if self.reward_model is not None:
+            return self.reward_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits[:, 0].float()
         self._use(REWARD_ADAPTER)
         position_ids = (attention_mask.cumsum(1) - 1).clamp(min=0)
         hidden = last_hidden(body_of(self.model.get_base_model()), input_ids, attention_mask, position_ids)
@@ -130,6 +143,7 @@ class SharedBaseModels(nn.Module):
 
 class SeparateModels(nn.Module):
     layout = "separate"
+    reward_placement = "separate model"
 
     def __init__(self, policy_base, reference, reward_model, model_args: ModelArgs, value_init: str, value_body):
         super().__init__()
@@ -177,12 +191,15 @@ class SeparateModels(nn.Module):
 
 
 def build_models(layout: str, policy_parent: Manifest, reward: Manifest, model_args: ModelArgs, value_init: str):
-    """Load the roles for the chosen layout. The shared layout needs the reward model to sit on the same base as the
-    policy (trained from the same SFT stage), since its adapter is applied to that base."""
+    """Load the roles for the chosen layout. In the shared layout a LoRA reward model must sit on the same base as
+    the policy (trained from the same SFT stage), since its adapter is applied to that base; a reward model trained in
+    full is held as its own model beside the shared base."""
     from rlhf.models import REWARD
 
     policy_base = load_stage_output(policy_parent, model_args, CAUSAL_LM)
     if layout == "shared":
+        if not reward.adapter_path:  # trained in full: it cannot ride on the policy's base
+            return SharedBaseModels(policy_base, model_args, reward, value_init, load_stage_output(reward, model_args, REWARD))
         if reward.parent is None or Path(reward.parent).resolve() != Path(policy_parent.output_dir).resolve():
             raise ConfigError(
                 f"layout 'shared' applies the reward adapter to the policy's base, so the reward model must be trained "

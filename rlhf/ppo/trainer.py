@@ -192,7 +192,15 @@ def main(argv: list[str] | None = None):
     from rlhf.manifest import resolve_parent
     from rlhf.models import stage_tokenizer
     from rlhf.ppo.layouts import POLICY, build_models
-    from rlhf.stage import StageError, hold_output_lock, load_gold_prompts, write_stage
+    from rlhf.manifest import config_hash
+    from rlhf.stage import (
+        StageError,
+        check_checkpoint_config,
+        hold_output_lock,
+        load_gold_prompts,
+        stage_config,
+        write_stage,
+    )
 
     accelerator = Accelerator(log_with=None if args.report_to in (["none"], []) else args.report_to)
     distributed = Distributed(accelerator)
@@ -203,6 +211,7 @@ def main(argv: list[str] | None = None):
     prompt_records = data.load_prompts(data_args.train_data, data_args.train_split)[: data_args.max_train_samples]
     policy_parent = resolve_parent(model_args.init_from, PARENT_STAGES)
     reward_manifest = resolve_parent(args.reward_model, ("reward",))
+    config = stage_config(model_args, data_args, args, parent=policy_parent)
     tokenizer = stage_tokenizer(policy_parent, model_args)
     reward_tokenizer = stage_tokenizer(reward_manifest, model_args)
     prompts = [record["prompt"] for record in prompt_records]
@@ -233,6 +242,7 @@ def main(argv: list[str] | None = None):
 
     # Resume
     checkpoint_root = output_dir / "checkpoints"
+    check_checkpoint_config(checkpoint_root, config_hash(config))
     start_step = 0
     last = latest_checkpoint(checkpoint_root)
     if last is not None:
@@ -294,11 +304,12 @@ def main(argv: list[str] | None = None):
     first, last_metrics = (history[0], history[-1]) if history else ({}, {})
     metrics = {"steps": args.steps, "first": first, "last": last_metrics}
     manifest = write_stage(
-        STAGE, str(output_dir), model_args, data_args=data_args, training_args=args,
+        STAGE, str(output_dir), model_args, data_args=data_args, config=config,
         base_model=policy_parent.base_model, parent=policy_parent, metrics=metrics, tokenizer=tokenizer,
         extra={"layout": models.layout, "reference": "parent policy: "
                + ("the shared base with every adapter disabled" if models.layout == "shared" else "a separate frozen copy"),
-               "reward_model": str(Path(args.reward_model).resolve()), "value_init": args.value_init,
+               "reward_model": str(Path(args.reward_model).resolve()), "reward_placement": models.reward_placement,
+               "value_init": args.value_init,
                "world_size": accelerator.num_processes},
         save_merged=args.save_merged, gold_prompts=load_gold_prompts(data_args),
     )

@@ -102,19 +102,25 @@ def _sentence(rng: random.Random, kind: str, item: str) -> str:
     )
 
 
-def sample_response(rng: random.Random, item: str) -> str:
-    """One review of mixed quality: any sentiment, sometimes rambling, unfinished or off-topic."""
+def _mood_sentences(rng: random.Random, item: str, n_sentences: int) -> list[str]:
+    """Sentences of one review with a consistent mood, as real reviews have: a language model trained on them has
+    to track sentiment to predict the next words, so its hidden states carry it (which a reward model then reads)."""
     mood = rng.choices(["pos", "neg", "mixed"], weights=[0.3, 0.35, 0.35])[0]
-    n_sentences = rng.randint(2, 4)
     kinds = []
     for _ in range(n_sentences):
         if mood == "mixed":
             kinds.append(rng.choice(["pos", "neg", "neutral"]))
         else:
             kinds.append(rng.choices([mood, "neutral"], weights=[0.7, 0.3])[0])
+    return [_sentence(rng, kind, item) for kind in kinds]
+
+
+def sample_response(rng: random.Random, item: str) -> str:
+    """One review of mixed quality: any sentiment, sometimes rambling, unfinished or off-topic."""
+    n_sentences = rng.randint(2, 4)
     flaw = rng.choices(["none", "rambling", "unfinished", "off_topic"], weights=[0.7, 0.1, 0.1, 0.1])[0]
     subject = rng.choice([other for other in ITEMS if other != item]) if flaw == "off_topic" else item
-    sentences = [_sentence(rng, kind, subject) for kind in kinds]
+    sentences = _mood_sentences(rng, subject, n_sentences)
     if flaw == "rambling":
         sentences += [_sentence(rng, "neutral", subject) for _ in range(rng.randint(7, 10))]
     text = " ".join(sentences)
@@ -150,7 +156,7 @@ def pretraining_document(rng: random.Random) -> str:
     """Plain web-like text in the task's language (no chat format): what the tiny base model is pre-trained on."""
     item = rng.choice(ITEMS)
     header = rng.choice(["Review of the {item}:", "Customer notes on the {item}.", "About the {item}:", ""]).format(item=item)
-    body = " ".join(_sentence(rng, rng.choice(["pos", "neg", "neutral"]), item) for _ in range(rng.randint(1, 8)))
+    body = " ".join(_mood_sentences(rng, item, rng.randint(1, 8)))
     return f"{header} {body}".strip()
 
 

@@ -44,9 +44,9 @@ def sequence_batch(tokenizer, n=6):
     return (*pad_batch(prompts, tokenizer.pad_token_id, "left"), *pad_batch(responses, tokenizer.pad_token_id, "right"))
 
 
-def test_shared_layout_holds_one_base_and_reference_is_sft(sft_run, reward_run):
+def test_shared_layout_holds_one_base_and_reference_is_sft(sft_run, lora_reward_run):
     before = count_models()
-    models = build_models("shared", sft_run, reward_run, ModelArgs(), value_init="reward").eval()
+    models = build_models("shared", sft_run, lora_reward_run, ModelArgs(), value_init="reward").eval()
     assert count_models() - before == 1
     tokenizer = stage_tokenizer(sft_run, ModelArgs())
     batch = sequence_batch(tokenizer)
@@ -60,19 +60,32 @@ def test_shared_layout_holds_one_base_and_reference_is_sft(sft_run, reward_run):
     torch.testing.assert_close(reference, expected, atol=1e-4, rtol=1e-4)
 
 
-def test_shared_reward_adapter_scores_like_the_reward_model(sft_run, reward_run):
+def test_shared_reward_adapter_scores_like_the_reward_model(sft_run, lora_reward_run):
     from rlhf.evaluate.scoring import render, score_token_ids
 
-    models = build_models("shared", sft_run, reward_run, ModelArgs(), value_init="reward").eval()
-    tokenizer = stage_tokenizer(reward_run, ModelArgs())
+    models = build_models("shared", sft_run, lora_reward_run, ModelArgs(), value_init="reward").eval()
+    tokenizer = stage_tokenizer(lora_reward_run, ModelArgs())
     pairs = load_preferences(str(TINY_DATA / "prefs_test.jsonl"))[:6]
     sequences = [render(tokenizer, p["prompt"] + p["chosen"]) for p in pairs]
     ids, mask = pad_batch(sequences, tokenizer.pad_token_id, "right")
-    expected = score_token_ids(load_stage_output(reward_run, ModelArgs()).eval(), tokenizer.pad_token_id, sequences)
+    expected = score_token_ids(load_stage_output(lora_reward_run, ModelArgs()).eval(), tokenizer.pad_token_id, sequences)
     torch.testing.assert_close(models.scores(ids, mask), expected, atol=1e-4, rtol=1e-4)
     # The value model starts as the reward model: its value at the last token is the reward.
     values = models.values(ids, mask, (mask.cumsum(1) - 1).clamp(min=0)).detach()
     torch.testing.assert_close(values[torch.arange(len(pairs)), mask.sum(1) - 1], expected, atol=1e-4, rtol=1e-4)
+
+
+def test_full_reward_model_sits_beside_the_shared_base(sft_run, reward_run):
+    import pytest
+
+    from rlhf.config import ConfigError
+
+    before = count_models()
+    models = build_models("shared", sft_run, reward_run, ModelArgs(), value_init="policy")
+    assert models.reward_placement.startswith("separate")
+    assert count_models() - before == 2  # the shared base (policy, value, reference) + the reward model
+    with pytest.raises(ConfigError, match="value_init: policy"):
+        build_models("shared", sft_run, reward_run, ModelArgs(), value_init="reward")
 
 
 def short_run(sft_run, reward_run, output_dir, *extra):

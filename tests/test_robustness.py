@@ -1,0 +1,107 @@
+"""Nothing lost, clear errors: malformed input fails fast through the CLI, a killed stage resumes, a second run
+on the same folder is refused, a diverging loss stops the stage."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import REPO
+from rlhf.cli import main
+from rlhf.stage import hold_output_lock
+
+SFT = ["sft", "--config", "recipes/tiny/sft.yaml"]
+
+
+def bad_files(tmp_path):
+    (tmp_path / "broken.jsonl").write_text('{"messages": [{"role": "user", "content": "hi"}]}\n{oops\n')
+    (tmp_path / "empty.jsonl").write_text("\n")
+    (tmp_path / "nocol.jsonl").write_text('{"text": "hello"}\n')
+    (tmp_path / "same.jsonl").write_text('{"prompt": "p", "chosen": "a", "rejected": "a"}\n')
+    (tmp_path / "types.yaml").write_text("model_name_or_path: data/tiny-base\nnum_train_epochs: many\n")
+    (tmp_path / "unknown.yaml").write_text("model_name_or_path: data/tiny-base\nlearning_rat: 0.1\n")
+    (tmp_path / "noweights").mkdir()
+    (tmp_path / "noweights" / "config.json").write_text("{}")
+    (tmp_path / "unfinished").mkdir()
+
+
+CASES = [
+    (["sft", "--config", "{tmp}/absent.yaml"], "recipe {tmp}/absent.yaml: file not found"),
+    (["sft", "--config", "{tmp}/unknown.yaml"], "unknown key 'learning_rat'. Did you mean 'learning_rate'"),
+    (["sft", "--config", "{tmp}/types.yaml"], "key 'num_train_epochs' expects float, got str"),
+    (SFT + ["--train_data", "{tmp}/missing.jsonl"], "{tmp}/missing.jsonl: file not found"),
+    (SFT + ["--train_data", "{tmp}/broken.jsonl"], "broken.jsonl line 2"),
+    (SFT + ["--train_data", "{tmp}/empty.jsonl"], "no records"),
+    (SFT + ["--train_data", "{tmp}/nocol.jsonl"], "nocol.jsonl line 1"),
+    (["reward", "--config", "recipes/tiny/reward.yaml", "--train_data", "{tmp}/same.jsonl", "--init_from", "x"],
+     "same.jsonl line 1"),
+    (SFT + ["--model_name_or_path", "{tmp}/noweights"], "no *.safetensors weights"),
+    (SFT + ["--model_name_or_path", "{tmp}/nothing-here"], "folder not found"),
+    (["dpo", "--config", "recipes/tiny/dpo.yaml", "--init_from", "{tmp}/unfinished"], "has no manifest.json"),
+    (["dpo", "--config", "recipes/tiny/dpo.yaml", "--init_from", "{tmp}/gone"], "does not exist"),
+    (["ppo", "--config", "recipes/tiny/ppo.yaml", "--rollout_batch_size", "10", "--mini_batch_size", "4"],
+     "must be a multiple of mini_batch_size"),
+    (["pipeline", "--config", "recipes/tiny/pipeline.yaml", "--stages", "sft", "grpo"], "unknown stage(s) grpo"),
+    (["tune", "--config", "x.yaml"], None),  # unknown command: usage, exit 2
+]
+
+
+@pytest.mark.parametrize("argv, message", CASES, ids=[" ".join(case[0][:1] + case[0][-2:]) for case in CASES])
+def test_malformed_input_fails_fast_with_a_clear_message(tmp_path, capsys, argv, message):
+    bad_files(tmp_path)
+    argv = [arg.replace("{tmp}", str(tmp_path)) for arg in argv] + ["--output_dir", str(tmp_path / "out")]
+    code = main(argv)
+    error = capsys.readouterr().err
+    if message is None:
+        assert code == 2 and "unknown command" in error
+        return
+    assert code == 1, error
+    assert message.replace("{tmp}", str(tmp_path)) in error
+    assert not (tmp_path / "out" / "checkpoints").exists()  # failed before any training
+
+
+def test_wrong_parent_stage_is_refused(reward_run, capsys, tmp_path):
+    code = main(["dpo", "--config", "recipes/tiny/dpo.yaml", "--init_from", reward_run.output_dir,
+                 "--output_dir", str(tmp_path / "dpo")])
+    assert code == 1
+    assert "output of stage 'reward'" in capsys.readouterr().err
+
+
+def test_second_run_on_the_same_folder_is_refused(tmp_path, capsys):
+    lock = hold_output_lock(str(tmp_path / "sft"))  # noqa: F841  (another run holds the folder)
+    assert main(SFT + ["--output_dir", str(tmp_path / "sft")]) == 1
+    assert "in use by another run" in capsys.readouterr().err
+
+
+def test_diverging_loss_stops_the_stage(tmp_path, capsys):
+    code = main(SFT + ["--output_dir", str(tmp_path / "sft"), "--learning_rate", "1e12", "--max_steps", "20",
+                       "--logging_steps", "1", "--save_steps", "1", "--max_grad_norm", "0", "--warmup_steps", "0"])
+    error = capsys.readouterr().err
+    assert code == 1
+    assert "loss became nan" in error or "loss became inf" in error
+    assert not (tmp_path / "sft" / "manifest.json").exists()  # never taken as done
+
+
+def test_killed_stage_resumes_from_its_last_checkpoint(tmp_path):
+    output_dir = tmp_path / "sft"
+    command = [sys.executable, "-m", "rlhf.cli", *SFT, "--output_dir", str(output_dir), "--max_steps", "60",
+               "--save_steps", "10", "--gold_eval_prompts", "", "--eval_data", ""]
+    process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               start_new_session=True)
+    deadline = time.time() + 300
+    while not (output_dir / "checkpoints" / "checkpoint-20").is_dir() and time.time() < deadline:
+        time.sleep(0.5)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    assert (output_dir / "checkpoints" / "checkpoint-20").is_dir()
+    assert not (output_dir / "manifest.json").exists()
+
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "resuming from" in result.stderr
+    manifest = json.loads((output_dir / "manifest.json").read_text())
+    assert manifest["metrics"]["steps"] == 60
