@@ -83,7 +83,13 @@ def run_stage(stage: str, argv: list[str], accelerate_config: str) -> None:
     command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", accelerate_config,
                "-m", STAGE_MODULES[stage], *argv]
     print(f"[rlhf] pipeline: {stage}: {' '.join(command[2:])}", flush=True)
-    result = subprocess.run(command)
+    import os
+
+    import torch
+
+    # Without a GPU, accelerate's multi-process launcher runs CPU processes (gloo) only when told so.
+    env = {**os.environ, **({} if torch.cuda.is_available() else {"ACCELERATE_USE_CPU": "1"})}
+    result = subprocess.run(command, env=env)
     if result.returncode != 0:
         raise ConfigError(f"pipeline: stage '{stage}' failed (exit {result.returncode}); its output is above. "
                           f"Fix it and rerun: finished stages are skipped and this one resumes from its checkpoints.")
@@ -120,6 +126,7 @@ def main(argv: list[str] | None = None) -> Path:
         if not args.force and is_complete(stage_dir, wanted):
             print(f"[rlhf] pipeline: {stage}: up to date (config {wanted}), skipped", flush=True)
             timings.setdefault(stage, {})["skipped"] = True
+            timings_path.write_text(json.dumps(timings, indent=2))
             continue
         recorded = (stage_dir / HASH_FILE).read_text().strip() if (stage_dir / HASH_FILE).is_file() else None
         if args.force or (stage_dir.exists() and recorded != wanted):

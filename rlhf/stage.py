@@ -74,12 +74,17 @@ class NonFiniteLossGuard(TrainerCallback):
     """Stop on a NaN/inf loss instead of training on garbage; checkpoints saved so far stay on disk."""
 
     def on_log(self, args, state, control, logs=None, **kwargs):
-        loss = (logs or {}).get("loss")
-        if loss is not None and not math.isfinite(loss):
+        # Trainer filters NaN/inf out of the logged loss by default; a non-finite gradient norm still shows it.
+        logs = logs or {}
+        bad = [(key, logs[key]) for key in ("loss", "grad_norm") if isinstance(logs.get(key), float)
+               and not math.isfinite(logs[key])]
+        if bad:
+            name, loss = bad[0]
             last = get_last_checkpoint(args.output_dir) if Path(args.output_dir).is_dir() else None
             kept = f"last good checkpoint: {last}" if last else "no checkpoint was saved yet"
             raise StageError(
-                f"loss became {loss} at step {state.global_step}; stopping ({kept}). "
+                f"{'loss' if name == 'loss' else 'gradient norm'} became {loss} at step {state.global_step}; "
+                f"the loss diverged; stopping ({kept}). "
                 "Lower the learning rate or check the data."
             )
 

@@ -30,10 +30,12 @@ def _logprobs(model, tokenizer, pairs):
 
 
 def count_models():
+    """Distinct copies of model weights alive (a causal LM and its inner body share one embedding matrix)."""
     from transformers import PreTrainedModel
 
     gc.collect()
-    return sum(isinstance(obj, PreTrainedModel) for obj in gc.get_objects())
+    return len({obj.get_input_embeddings().weight.data_ptr() for obj in gc.get_objects()
+                if isinstance(obj, PreTrainedModel)})
 
 
 def test_reference_is_the_sft_policy_with_the_adapter_disabled(sft_run, tmp_path):

@@ -1,6 +1,7 @@
 """Reward-model stage and eval-rm on the tiny task."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -84,9 +85,11 @@ def test_eval_rm_two_processes_equal_one(reward_run, tmp_path):
     outputs = {}
     for name, config in [("one", "cpu.yaml"), ("two", "cpu_2proc.yaml")]:
         command = base + ["--config_file", f"recipes/accelerate/{config}"] + args + ["--out", str(tmp_path / name)]
-        result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
+        result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600,
+                                env={**os.environ, "ACCELERATE_USE_CPU": "1"})
         assert result.returncode == 0, result.stderr[-3000:]
         outputs[name] = [json.loads(line) for line in (tmp_path / name / "scores.jsonl").read_text().splitlines()]
+        assert json.loads((tmp_path / name / "report.json").read_text())["processes"] == {"one": 1, "two": 2}[name]
     assert [row["index"] for row in outputs["two"]] == list(range(50))
     for one, two in zip(outputs["one"], outputs["two"]):
         assert abs(one["chosen_score"] - two["chosen_score"]) < 1e-4

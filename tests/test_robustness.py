@@ -79,10 +79,10 @@ def test_second_run_on_the_same_folder_is_refused(tmp_path, capsys):
 
 def test_diverging_loss_stops_the_stage(tmp_path, capsys):
     code = main(SFT + ["--output_dir", str(tmp_path / "sft"), "--learning_rate", "1e12", "--max_steps", "20",
-                       "--logging_steps", "1", "--save_steps", "1", "--max_grad_norm", "0", "--warmup_steps", "0"])
+                       "--logging_steps", "1", "--save_steps", "1", "--warmup_steps", "0"])
     error = capsys.readouterr().err
     assert code == 1
-    assert "loss became nan" in error or "loss became inf" in error
+    assert "the loss diverged" in error
     assert not (tmp_path / "sft" / "manifest.json").exists()  # never taken as done
 
 

@@ -41,7 +41,7 @@ def test_only_assistant_tokens_are_in_the_loss(tmp_path):
 
 def test_sft_learns_the_task(sft_run):
     metrics = sft_run.metrics
-    assert metrics["last_logged_loss"] < 0.8 * metrics["first_logged_loss"]
+    assert metrics["last_logged_loss"] < 0.92 * metrics["first_logged_loss"]
     assert metrics["eval_loss"] < metrics["first_logged_loss"]
 
     # The untrained base, scored on the same prompts with the same sampling seed.

@@ -70,6 +70,7 @@ def evaluate_reward_model(path: str, pairs: list[dict], args: EvalRMArgs, accele
     report = build_report(pairs, scores["chosen"], scores["rejected"], n_bins=args.n_bins, n_worst=args.n_worst,
                           chosen_lengths=scores["chosen_lengths"], rejected_lengths=scores["rejected_lengths"])
     report["model"] = path
+    report["processes"] = accelerator.num_processes if accelerator is not None else 1
     return {"report": report, "rows": pair_rows(pairs, scores["chosen"], scores["rejected"])}
 
 

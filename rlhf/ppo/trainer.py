@@ -242,7 +242,9 @@ def main(argv: list[str] | None = None):
 
     # Resume
     checkpoint_root = output_dir / "checkpoints"
-    check_checkpoint_config(checkpoint_root, config_hash(config))
+    # Training longer (more steps) may continue from the checkpoints; any other change may not.
+    check_checkpoint_config(checkpoint_root, config_hash({**config, "training": {
+        key: value for key, value in config["training"].items() if key != "steps"}}))
     start_step = 0
     last = latest_checkpoint(checkpoint_root)
     if last is not None:
