@@ -3,7 +3,7 @@ bias, worst pairs, plots, and a per-pair scores file.
 
     rlhf eval-rm --model runs/tiny/reward --data data/tiny/prefs_test.jsonl --out runs/tiny/eval_rm
     rlhf eval-rm --model runs/a/reward runs/b/reward --data data/tiny/prefs_test.jsonl --out runs/compare_rm
-    accelerate launch --config_file recipes/accelerate/cpu_2proc.yaml -m rlhf.evaluate.rm --model ... --data ...
+    ACCELERATE_USE_CPU=1 accelerate launch --config_file recipes/accelerate/cpu_2proc.yaml -m rlhf.evaluate.rm --model ... --data ...
 
 A model is a stage folder (with manifest.json) or a sequence-classification model folder. Data may be any
 preference layout the data layer reads: explicit or implicit prompt, HH-RLHF raw text, RewardBench (subset column).

@@ -1,7 +1,7 @@
 """RLHF with PPO on the SFT policy and the reward model, our own implementation on the current stack.
 
     rlhf ppo --config recipes/tiny/ppo.yaml
-    accelerate launch --config_file recipes/accelerate/cpu_2proc.yaml -m rlhf.ppo --config recipes/tiny/ppo.yaml
+    ACCELERATE_USE_CPU=1 accelerate launch --config_file recipes/accelerate/cpu_2proc.yaml -m rlhf.ppo --config recipes/tiny/ppo.yaml
 
 Each iteration: sample responses to a batch of prompts (KV cache, left-padded prompts, cut after the first EOS),
 score them with the reward model at the last real token, add a per-token KL penalty against the reference (the SFT
