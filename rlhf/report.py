@@ -6,13 +6,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from rlhf.evaluate.policy import format_interval
 from rlhf.manifest import atomic_write, is_complete, read_manifest
-
-
-def _interval(value: dict | None) -> str:
-    if not value:
-        return "n/a"
-    return f"{value['mean']:.3f} [{value['ci95'][0]:.3f}, {value['ci95'][1]:.3f}]"
 
 
 def stage_summary(stage: str, metrics: dict) -> str:
@@ -30,7 +25,7 @@ def stage_summary(stage: str, metrics: dict) -> str:
         first, last = metrics["first"], metrics["last"]
         parts.append(f"RM score {first['score/raw']:.2f} → {last['score/raw']:.2f}, KL {last['kl/sequence']:.2f}")
     if "gold" in metrics:
-        parts.append(f"gold reward {_interval(metrics['gold']['gold_reward'])}")
+        parts.append(f"gold reward {format_interval(metrics['gold']['gold_reward'])}")
     return "; ".join(parts)
 
 
@@ -92,7 +87,7 @@ def write_pipeline_report(args, out: Path, timings: dict) -> Path:
                                 "--out", str(out / "eval_rm")])
         rm_report = next(iter(results.values()))
         lines += ["", "## Reward model", "",
-                  f"Held-out accuracy {_interval(rm_report['accuracy'])} on {rm_report['n_pairs']} pairs, "
+                  f"Held-out accuracy {format_interval(rm_report['accuracy'])} on {rm_report['n_pairs']} pairs, "
                   f"mean margin {rm_report['margin']['mean']:.3f}, ECE {rm_report['calibration']['ece']:.3f}. "
                   f"Full report: [eval_rm/report.md](eval_rm/report.md)."]
 
@@ -107,12 +102,12 @@ def write_pipeline_report(args, out: Path, timings: dict) -> Path:
                   "| policy | gold reward | win-rate vs SFT (RM) | win-rate vs SFT (gold) | KL to SFT | EOS rate |",
                   "|---|---|---|---|---|---|"]
         reference = policy_report.get("reference", {})
-        lines.append(f"| sft | {_interval(reference.get('gold_reward'))} | – | – | 0 | {reference.get('eos_rate', 0):.2f} |")
+        lines.append(f"| sft | {format_interval(reference.get('gold_reward'))} | – | – | 0 | {reference.get('eos_rate', 0):.2f} |")
         for name, summary in policy_report["policies"].items():
-            lines.append(f"| {Path(name).name} | {_interval(summary.get('gold_reward'))} | "
-                         f"{_interval(summary.get('win_rate_vs_reference_rm'))} | "
-                         f"{_interval(summary.get('win_rate_vs_reference_gold'))} | "
-                         f"{_interval(summary.get('kl_to_reference'))} | {summary['eos_rate']:.2f} |")
+            lines.append(f"| {Path(name).name} | {format_interval(summary.get('gold_reward'))} | "
+                         f"{format_interval(summary.get('win_rate_vs_reference_rm'))} | "
+                         f"{format_interval(summary.get('win_rate_vs_reference_gold'))} | "
+                         f"{format_interval(summary.get('kl_to_reference'))} | {summary['eos_rate']:.2f} |")
         plot_policies(policy_report, out / "policies.png")
         lines += ["", "![gold reward by policy](policies.png)", "",
                   "Samples side by side: [eval_policy/report.md](eval_policy/report.md)."]

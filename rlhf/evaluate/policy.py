@@ -166,7 +166,8 @@ def summarise(samples: dict, scores: dict) -> dict:
     return summary
 
 
-def _interval(value: dict | None) -> str:
+def format_interval(value: dict | None) -> str:
+    """A mean_with_interval result as "mean [low, high]"."""
     if not value:
         return "n/a"
     return f"{value['mean']:.3f} [{value['ci95'][0]:.3f}, {value['ci95'][1]:.3f}]"
@@ -182,10 +183,10 @@ def report_markdown(report: dict, reference_name: str | None) -> str:
              "| metric | " + (("reference | " if "reference" in report else "")) + " | ".join(names) + " |",
              "|---|" + ("---|" if "reference" in report else "") + "---|" * len(names)]
     for label, key in rows:
-        cells = [_interval(report["policies"][name].get(key)) for name in names]
+        cells = [format_interval(report["policies"][name].get(key)) for name in names]
         if all(cell == "n/a" for cell in cells) and not (report.get("reference") or {}).get(key):
             continue
-        reference_cell = [_interval(report["reference"].get(key))] if "reference" in report else []
+        reference_cell = [format_interval(report["reference"].get(key))] if "reference" in report else []
         lines.append(f"| {label} | " + " | ".join(reference_cell + cells) + " |")
     for label, key in [("response length (tokens)", "response_length"), ("EOS rate", "eos_rate")]:
         reference_cell = [f"{report['reference'][key]:.3f}"] if "reference" in report else []
@@ -238,8 +239,8 @@ def main(argv: list[str] | None = None) -> dict:
     atomic_write(out_dir / "report.json", json.dumps(report, indent=2) + "\n")
     atomic_write(out_dir / "report.md", report_markdown(report, reference_path))
     for name, summary in report["policies"].items():
-        gold_text = f"gold {_interval(summary.get('gold_reward'))}, " if "gold_reward" in summary else ""
-        kl_text = f"KL {_interval(summary.get('kl_to_reference'))}, " if "kl_to_reference" in summary else ""
+        gold_text = f"gold {format_interval(summary.get('gold_reward'))}, " if "gold_reward" in summary else ""
+        kl_text = f"KL {format_interval(summary.get('kl_to_reference'))}, " if "kl_to_reference" in summary else ""
         print(f"[rlhf] {name}: {gold_text}{kl_text}EOS rate {summary['eos_rate']:.2f}")
     print(f"[rlhf] report -> {out_dir / 'report.md'}")
     return report
