@@ -49,7 +49,7 @@ def test_sft_learns_the_task(sft_run):
     base = gold_report(load_causal_lm(TINY_BASE, ModelArgs()), load_tokenizer(TINY_BASE), prompts, gold_reward, seed=42)
     sft = metrics["gold"]
     assert sft["gold_reward"]["mean"] > base["gold_reward"]["mean"] + 0.05
-    assert sft["eos_rate"] >= base["eos_rate"]
+    assert sft["eos_rate"] >= 0.9  # the base already ends chat turns (it saw transcripts); SFT must keep doing so
 
 
 def test_outputs_load_with_plain_transformers_and_peft(sft_run):
