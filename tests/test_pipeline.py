@@ -55,3 +55,52 @@ def test_skip_force_and_config_change(tmp_path):
 def test_bad_pipeline_recipes_fail_fast(tmp_path, changes, message):
     with pytest.raises(ConfigError, match=message):
         main(["--config", write_recipe(tmp_path, **changes)])
+
+
+def quick_stage_args():
+    """Every stage cut to a few steps: this checks the hand-offs and the launch, not what is learned."""
+    quick = ["--max_steps", "2", "--save_steps", "1", "--gold_eval_prompts", "", "--eval_data", ""]
+    return {
+        "sft_args": quick + ["--max_train_samples", "32"],
+        "reward_args": quick + ["--max_train_samples", "32"],
+        "dpo_args": quick + ["--max_train_samples", "32"],
+        "ppo_args": ["--steps", "2", "--save_steps", "1", "--rollout_batch_size", "4", "--mini_batch_size", "2",
+                     "--ppo_epochs", "1", "--max_new_tokens", "12", "--gold_eval_prompts", ""],
+    }
+
+
+def test_whole_pipeline_under_two_processes(tmp_path):
+    """The tiny pipeline, every stage launched with the 2-process CPU (gloo DDP) accelerate config."""
+    recipe = write_recipe(
+        tmp_path, stages=["sft", "reward", "dpo", "ppo"], reward_recipe="recipes/tiny/reward.yaml",
+        dpo_recipe="recipes/tiny/dpo.yaml", ppo_recipe="recipes/tiny/ppo.yaml",
+        accelerate_config="recipes/accelerate/cpu_2proc.yaml", eval_prompts="data/tiny/prompts_test.jsonl",
+        eval_preferences="data/tiny/prefs_test.jsonl", eval_samples=8, **quick_stage_args())
+    report = main(["--config", recipe])
+
+    runs = tmp_path / "runs"
+    for stage in ("sft", "reward", "dpo"):
+        manifest = read_manifest(runs / stage)
+        assert manifest.metrics["world_size"] == 2, stage
+        assert manifest.metrics["steps"] == 2, stage
+    ppo = read_manifest(runs / "ppo")
+    assert ppo.extra["world_size"] == 2
+    assert ppo.parent.endswith("sft") and read_manifest(runs / "dpo").parent.endswith("sft")
+    text = report.read_text()
+    assert "| dpo |" in text and "| ppo |" in text and "## Reward model" in text
+    assert (runs / "policies.png").is_file() and (runs / "ppo_training.png").is_file()
+
+    main(["--config", recipe])  # everything up to date: nothing reruns
+    timings = json.loads((runs / "pipeline.json").read_text())
+    assert all(timings[stage]["skipped"] for stage in ("sft", "reward", "dpo", "ppo"))
+
+
+@pytest.mark.slow
+def test_readme_pipeline_improves_gold_reward(tmp_path):
+    """The README's main command, in full (about 7 minutes on 2 cores): DPO and PPO both beat SFT on gold reward."""
+    report = main(["--config", "recipes/tiny/pipeline.yaml", "--output_dir", str(tmp_path / "tiny")])
+    policies = json.loads((tmp_path / "tiny" / "eval_policy" / "report.json").read_text())
+    sft_gold = policies["reference"]["gold_reward"]["mean"]
+    for name, summary in policies["policies"].items():
+        assert summary["gold_reward"]["mean"] > sft_gold + 0.05, (name, summary["gold_reward"], sft_gold)
+    assert "| ppo |" in report.read_text()
