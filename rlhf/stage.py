@@ -96,7 +96,8 @@ def logged_losses(log_history: list[dict], key: str = "loss") -> list[float]:
 def training_metrics(trainer, train_result) -> dict:
     """What every TRL-trained stage records: final loss, steps, and first/last logged loss (did it learn?)."""
     metrics = {"train_loss": train_result.training_loss, "steps": trainer.state.global_step,
-               "world_size": trainer.accelerator.num_processes}
+               "world_size": trainer.accelerator.num_processes,
+               "train_seconds": train_result.metrics.get("train_runtime")}
     losses = logged_losses(trainer.state.log_history)
     if losses:
         metrics.update(first_logged_loss=losses[0], last_logged_loss=losses[-1])

@@ -262,6 +262,7 @@ def main(argv: list[str] | None = None):
                     disable=not accelerator.is_local_main_process)
     history = []
     for step in progress:
+        step_started = time.perf_counter()
         # Seeds depend on (seed, step, rank) only, so a resumed run continues exactly as an uninterrupted one.
         torch.manual_seed(args.seed * 100_003 + step * 1_009 + accelerator.process_index)
         rows = prompt_batches(len(prompts), args.rollout_batch_size, accelerator.num_processes,
@@ -272,13 +273,15 @@ def main(argv: list[str] | None = None):
         started = time.perf_counter()
         generator = torch.Generator().manual_seed(args.seed + step)
         update_stats = update(models, optimizer, rollout, args, distributed, generator)
+        learning_rate = scheduler.get_last_lr()[0]  # the rate this step's updates used
         scheduler.step()
         gold_scores = ([gold(data.prompt_text(prompts[i]), text) for i, text in zip(rows, rollout.texts)]
                        if gold else None)
         metrics = {"step": step + 1, **rollout_metrics(rollout, gold_scores, distributed),
                    **{key: distributed.mean_of(value) for key, value in update_stats.items()},
-                   "kl_coef": kl_control.value, "lr": scheduler.get_last_lr()[0],
-                   **rollout.timings, "time/training": time.perf_counter() - started}
+                   "kl_coef": kl_control.value, "lr": learning_rate,
+                   **rollout.timings, "time/training": time.perf_counter() - started,
+                   "time/step": time.perf_counter() - step_started}
         kl_control.update(metrics["kl/sequence"], args.rollout_batch_size * accelerator.num_processes)
         if not all(math.isfinite(value) for key, value in metrics.items() if key != "value/explained_variance"):
             raise StageError(f"ppo: non-finite metrics at step {step + 1} ({metrics}); last good checkpoint: "
