@@ -34,7 +34,8 @@ PARENT_STAGES = ("sft", "reward")
 class RewardStageArgs:
     save_merged: bool = field(default=True, metadata={"help": "Also write <output_dir>/merged (base + adapters merged)."})
     stats_samples: int = field(
-        default=2000, metadata={"help": "Training pairs scored after training for the reward mean/std (0 = skip)."}
+        default=256, metadata={"help": "Training pairs scored after training for the reward mean/std that PPO "
+                               "normalises with (0 = skip). 256 pairs = 512 scores: the mean is known to ~5% of a std."}
     )
     score_batch_size: int = field(default=64, metadata={"help": "Batch size when scoring for the statistics."})
 
@@ -65,7 +66,15 @@ def main(argv: list[str] | None = None):
     config = stage_config(model_args, data_args, training_args, stage_args, parent)
     resume_from = prepare_checkpoints(training_args, output_dir, config)
     if training_args.max_length:
-        train_pairs = data.check_lengths(train_pairs, tokenizer, training_args.max_length, data_args.train_data, "preference", data_args.length_policy)
+        # TRL's RewardTrainer does not truncate: it leaves out pairs longer than max_length. Do that here, where it
+        # is counted and said (and an empty result is an error naming the file), rather than silently in the trainer.
+        policy = "drop" if data_args.length_policy == "truncate" else data_args.length_policy
+        kept = data.check_lengths(train_pairs, tokenizer, training_args.max_length, data_args.train_data, "preference", policy)
+        if len(kept) < len(train_pairs):
+            print(f"[rlhf] reward: {len(train_pairs) - len(kept)} of {len(train_pairs)} pairs in {data_args.train_data} "
+                  f"are longer than max_length {training_args.max_length} tokens and are left out (reward models "
+                  "are not trained on truncated responses)", flush=True)
+        train_pairs = kept
 
     # Trainer
     from trl import RewardTrainer

@@ -105,3 +105,25 @@ def test_eval_rm_refuses_a_policy_folder(sft_run, capsys):
 
 def test_manifest_on_disk_matches_returned(reward_run):
     assert read_manifest(reward_run.output_dir).metrics == reward_run.metrics
+
+
+def test_pairs_longer_than_max_length_are_counted_and_all_too_long_fails_before_training(sft_run, tmp_path, capsys):
+    """TRL's RewardTrainer drops over-long pairs instead of truncating; the stage says so, and refuses when none fit."""
+    import pytest
+
+    from rlhf import reward
+    from rlhf.data import DataError
+
+    with pytest.raises(DataError, match=r"prefs_train.jsonl: all 48 records are longer than max_length 12"):
+        reward.main(["--config", "recipes/tiny/reward.yaml", "--init_from", sft_run.output_dir, "--max_length", "12",
+                     "--max_train_samples", "48", "--output_dir", str(tmp_path / "reward")])
+    assert not list((tmp_path / "reward").glob("checkpoints/checkpoint-*"))  # nothing was trained
+    assert not (tmp_path / "reward" / "manifest.json").exists()
+
+    manifest = reward.main(["--config", "recipes/tiny/reward.yaml", "--init_from", sft_run.output_dir,
+                            "--max_length", "40", "--max_train_samples", "48", "--max_steps", "1", "--stats_samples", "8",
+                            "--eval_data", "", "--gold_eval_prompts", "", "--output_dir", str(tmp_path / "short")])
+    message = [line for line in capsys.readouterr().out.splitlines() if "longer than max_length 40" in line]
+    assert message and "of 48 pairs" in message[0], message
+    dropped = int(message[0].split("reward: ")[1].split(" of ")[0])
+    assert 0 < dropped < 48 and manifest.metrics["steps"] == 1

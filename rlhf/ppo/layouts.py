@@ -101,14 +101,16 @@ class SharedBaseModels(nn.Module):
     def value_parameters(self):
         return [p for n, p in self.model.named_parameters() if f".{VALUE}." in n] + list(self.value_head.parameters())
 
-    def policy_logits(self, input_ids, attention_mask, position_ids):
+    def policy_logits(self, input_ids, attention_mask, position_ids, keep: int = 0):
         self._use(POLICY)
-        return self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False).logits
+        return self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False,
+                          logits_to_keep=keep).logits
 
     @torch.no_grad()
-    def reference_logits(self, input_ids, attention_mask, position_ids):
+    def reference_logits(self, input_ids, attention_mask, position_ids, keep: int = 0):
         with self.model.disable_adapter():
-            return self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False).logits
+            return self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                              use_cache=False, logits_to_keep=keep).logits
 
     def values(self, input_ids, attention_mask, position_ids):
         self._use(VALUE)
@@ -163,12 +165,14 @@ class SeparateModels(nn.Module):
     def value_parameters(self):
         return [p for p in self.value_model.parameters() if p.requires_grad] + list(self.value_head.parameters())
 
-    def policy_logits(self, input_ids, attention_mask, position_ids):
-        return self.policy(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False).logits
+    def policy_logits(self, input_ids, attention_mask, position_ids, keep: int = 0):
+        return self.policy(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False,
+                           logits_to_keep=keep).logits
 
     @torch.no_grad()
-    def reference_logits(self, input_ids, attention_mask, position_ids):
-        return self.reference(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False).logits
+    def reference_logits(self, input_ids, attention_mask, position_ids, keep: int = 0):
+        return self.reference(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                              use_cache=False, logits_to_keep=keep).logits
 
     def values(self, input_ids, attention_mask, position_ids):
         hidden = last_hidden(body_of(self.value_model.get_base_model()), input_ids, attention_mask, position_ids)

@@ -47,11 +47,16 @@ def response_columns(per_position: torch.Tensor, prompt_width: int) -> torch.Ten
     return per_position[:, prompt_width - 1 : -1]
 
 
+def response_logits(logits_fn, rollout: Rollout, rows) -> torch.Tensor:
+    """The logits that predict each response token. Only the last response-width + 1 positions go through the LM head
+    (logits_to_keep): with a real vocabulary, logits over the prompt would dominate the memory of the update."""
+    return logits_fn(*rollout.inputs(rows), keep=rollout.response_ids.shape[1] + 1)[:, :-1]
+
+
 def policy_logprobs(models, rollout: Rollout, rows, temperature: float, grad: bool):
     """Log-probs of the sampled tokens under the current policy (and the logits, for the entropy)."""
     with torch.set_grad_enabled(grad):
-        logits = response_columns(models.policy_logits(*rollout.inputs(rows)), rollout.prompt_ids.shape[1])
-        logits = logits.float() / temperature
+        logits = response_logits(models.policy_logits, rollout, rows).float() / temperature
         return token_logprobs(logits, rollout.response_ids[rows]) * rollout.response_mask[rows], logits
 
 
@@ -89,7 +94,7 @@ def collect(models, tokenizer, reward_tokenizer, prompts: list[list[dict]], prom
     )
     rows = slice(None)
     rollout.logprobs, _ = policy_logprobs(models, rollout, rows, args.temperature, grad=False)
-    reference_logits = response_columns(models.reference_logits(*rollout.inputs()), rollout.prompt_ids.shape[1])
+    reference_logits = response_logits(models.reference_logits, rollout, rows)
     rollout.ref_logprobs = token_logprobs(reference_logits.float() / args.temperature, rollout.response_ids) * rollout.response_mask
     rollout.values = value_predictions(models, rollout, rows, grad=False)
     reward_ids, reward_mask = render_for_reward(reward_tokenizer, prompts, sample.texts)

@@ -93,14 +93,16 @@ def update(models, optimizer, rollout: Rollout, args: PPOArgs, distributed: Dist
             micro_batches = mini_batch.split(micro_size)
             for rows in micro_batches:
                 mask = rollout.response_mask[rows]
+                # Policy and value share no trainable parameter, so backpropagating their losses one after the
+                # other gives the gradients of the summed loss while only one graph's activations are alive at a time.
                 logprobs, logits = policy_logprobs(models, rollout, rows, args.temperature, grad=True)
-                values = value_predictions(models, rollout, rows, grad=True)
                 pg_loss, pg_stats = ppo_math.policy_loss(logprobs, rollout.logprobs[rows], rollout.advantages[rows],
                                                          mask, args.cliprange)
+                (pg_loss / len(micro_batches)).backward()
+                values = value_predictions(models, rollout, rows, grad=True)
                 vf_loss, vf_stats = ppo_math.value_loss(values, rollout.values[rows], rollout.returns[rows], mask,
                                                         args.cliprange_value)
-                loss = (pg_loss + args.vf_coef * vf_loss) / len(micro_batches)
-                loss.backward()
+                (args.vf_coef * vf_loss / len(micro_batches)).backward()
                 with torch.no_grad():
                     entropy = ppo_math.masked_mean(ppo_math.entropy_from_logits(logits), mask).item()
                 for key, value in {**pg_stats, **vf_stats, "loss/policy": pg_loss.item(), "loss/value": vf_loss.item(),
