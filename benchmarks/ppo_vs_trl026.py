@@ -3,7 +3,8 @@
 Both sides start from the same SFT policy and reward model, see the same prompts (identical token ids), and run the
 same number of PPO iterations with the same rollout batch, mini-batch, PPO epochs, response length, learning rate,
 KL coefficient and clipping. Ours runs its default layout (one frozen base; policy, value and reward as LoRA adapters;
-the reference = base with adapters off); TRL runs its default (four full models: policy, reference, value, reward).
+the reference = base with adapters off), and again with `critic: shared` (the value head on the policy's own forward
+pass); TRL runs its default (four full models: policy, reference, value, reward).
 
 Two model sizes: the tiny task's trained SFT/RM (1.9M parameters), and a ~30M-parameter random Llama of the same
 family (SFT and RM stages run for one step to give both sides stage outputs to start from).
@@ -62,7 +63,7 @@ def stage_outputs(size: str, work: Path) -> tuple[Path, Path]:
     return work / f"sft_{size}", work / f"reward_{size}"
 
 
-def run_ours(sft: Path, reward: Path, settings: list[str], work: Path, tag: str) -> dict:
+def run_ours(sft: Path, reward: Path, settings: list[str], work: Path, tag: str, critic: str) -> dict:
     out = work / f"ours_{tag}"
     # A LoRA reward model's adapter seeds the value adapter; the tiny task's RM is a full model (no adapter to copy).
     value_init = "reward" if json.loads((reward / "manifest.json").read_text())["adapter_path"] else "policy"
@@ -70,7 +71,7 @@ def run_ours(sft: Path, reward: Path, settings: list[str], work: Path, tag: str)
         "rlhf.ppo", "--config", "recipes/tiny/ppo.yaml", "--init_from", sft, "--reward_model", reward,
         "--output_dir", out, "--layout", "shared", "--value_init", value_init, "--gold_reward", "",
         "--gold_eval_prompts", "", "--save_steps", "0", "--save_merged", "false", "--lr_scheduler", "linear",
-        "--reward_clip", "5.0", *settings), work / "logs" / f"ours_{tag}.log")
+        "--reward_clip", "5.0", "--critic", critic, *settings), work / "logs" / f"ours_{tag}.log")
     steps = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     later = steps[1:] or steps
     split = {part: statistics.mean(step[f"time/{part}"] for step in later) for part in ("generation", "scoring", "training")}
@@ -111,11 +112,14 @@ def main() -> None:
         work = Path(tmp)
         for size in args.sizes:
             sft, reward = stage_outputs(size, work)
-            ours = run_ours(sft, reward, settings, work, size)
+            ours = run_ours(sft, reward, settings, work, size, "separate")
+            shared_critic = run_ours(sft, reward, settings, work, f"{size}_shared_critic", "shared")
             trl = run_trl(sft, reward, settings, work, size)
-            results[size] = {"ours": ours, "trl_0_26_2": trl,
+            results[size] = {"ours": ours, "ours_shared_critic": shared_critic, "trl_0_26_2": trl,
                              "time_ratio": ours["seconds_per_step"] / trl["seconds_per_step"],
-                             "rss_ratio": ours["peak_rss_mib"] / trl["peak_rss_mib"]}
+                             "rss_ratio": ours["peak_rss_mib"] / trl["peak_rss_mib"],
+                             "time_ratio_shared_critic": shared_critic["seconds_per_step"] / trl["seconds_per_step"],
+                             "rss_ratio_shared_critic": shared_critic["peak_rss_mib"] / trl["peak_rss_mib"]}
             print(f"[bench] ppo {size}: ours {ours['seconds_per_step']:.2f} s/step {ours['peak_rss_mib']:.0f} MiB; "
                   f"trl {trl['seconds_per_step']:.2f} s/step {trl['peak_rss_mib']:.0f} MiB", flush=True)
 
@@ -123,11 +127,13 @@ def main() -> None:
           f"{args.mini_batch_size}, {args.ppo_epochs} epochs, {args.max_new_tokens} new tokens; targets <= 0.6)")
     rows = []
     for size, result in results.items():
-        for side in ("ours", "trl_0_26_2"):
+        for side in ("ours", "ours_shared_critic", "trl_0_26_2"):
             run = result[side]
             rows.append([size, side, run["seconds_per_step"], run["split"]["generation"], run["split"]["scoring"],
                          run["split"]["training"], run["peak_rss_mib"]])
         rows.append([size, "ours / trl", result["time_ratio"], "", "", "", result["rss_ratio"]])
+        rows.append([size, "ours (shared critic) / trl", result["time_ratio_shared_critic"], "", "", "",
+                     result["rss_ratio_shared_critic"]])
     print_table(["model", "side", "s/step", "generate", "score", "train", "peak MiB"], rows)
     path = write_result("ppo_vs_trl026", {"settings": settings, "sizes": results, "targets": {"time": 0.6, "rss": 0.6}})
     print(f"written {path}")

@@ -20,6 +20,14 @@ class PPOArgs:
         default="reward", metadata={"help": "Initialise the value model from the reward model (adapter + head) or "
                                     "from the policy (fresh adapter, zero head).", "choices": ["reward", "policy"]}
     )
+    critic: str = field(
+        default="separate",
+        metadata={"help": "separate: the value model is its own LoRA adapter (or model) with its own forward passes. "
+                  "shared: a value head on the policy's last hidden states (layout shared only): one forward and "
+                  "backward serve both, about half the update compute, but the value loss also moves the policy "
+                  "adapter (weighted by vf_coef) and value_init does not apply (the head starts at zero).",
+                  "choices": ["separate", "shared"]},
+    )
     # Schedule
     steps: int = field(default=40, metadata={"help": "PPO iterations (each: one rollout, then ppo_epochs of updates)."})
     rollout_batch_size: int = field(default=32, metadata={"help": "Prompts per process per iteration."})

@@ -54,9 +54,15 @@ def head_from_weights(weights: dict | None, hidden_size: int, dtype) -> nn.Linea
 class SharedBaseModels(nn.Module):
     layout = "shared"
 
-    def __init__(self, policy_base, model_args: ModelArgs, reward: Manifest, value_init: str, separate_reward=None):
+    def __init__(self, policy_base, model_args: ModelArgs, reward: Manifest, value_init: str, separate_reward=None,
+                 critic: str = "separate"):
         super().__init__()
         from peft import get_peft_model, set_peft_model_state_dict
+
+        self.shared_critic = critic == "shared"
+        if self.shared_critic and getattr(policy_base.config, "final_logit_softcapping", None):
+            raise ConfigError("critic: shared applies the LM head itself and does not know this model's logit "
+                              "soft-capping; use critic: separate")
 
         self.model = get_peft_model(policy_base, lora_config(model_args), adapter_name=POLICY)
         hidden_size, dtype = policy_base.config.hidden_size, policy_base.dtype
@@ -70,12 +76,14 @@ class SharedBaseModels(nn.Module):
             self.reward_head = head_from_weights(reward_head, hidden_size, dtype).requires_grad_(False)
         else:
             self.reward_model.requires_grad_(False).eval()
-            if value_init == "reward":
+            if value_init == "reward" and not self.shared_critic:
                 raise ConfigError(
                     "value_init: reward copies the reward model's adapter and head, but this reward model was trained "
                     "in full (no adapter on the policy's base). Use value_init: policy, or layout: separate."
                 )
-        if value_init == "reward":
+        if self.shared_critic:  # the value head reads the policy's own hidden states: no value adapter
+            self.value_head = head_from_weights(None, hidden_size, dtype)
+        elif value_init == "reward":
             self.model.add_adapter(VALUE, reward_config)
             set_peft_model_state_dict(self.model, reward_lora, adapter_name=VALUE)
             self.value_head = head_from_weights(reward_head, hidden_size, dtype)
@@ -113,10 +121,19 @@ class SharedBaseModels(nn.Module):
                               use_cache=False, logits_to_keep=keep).logits
 
     def values(self, input_ids, attention_mask, position_ids):
+        if self.shared_critic:
+            return self.policy_logits_and_values(input_ids, attention_mask, position_ids, keep=1)[1]
         self._use(VALUE)
         hidden = last_hidden(body_of(self.model.get_base_model()), input_ids, attention_mask, position_ids)
         self._use(POLICY)
         return self.value_head(hidden).squeeze(-1)
+
+    def policy_logits_and_values(self, input_ids, attention_mask, position_ids, keep: int):
+        """Shared critic: one pass of the policy gives the logits of the last `keep` positions and every value."""
+        self._use(POLICY)
+        hidden = last_hidden(body_of(self.model.get_base_model()), input_ids, attention_mask, position_ids)
+        logits = self.model.get_base_model().get_output_embeddings()(hidden[:, -keep:])
+        return logits, self.value_head(hidden).squeeze(-1)
 
     @torch.no_grad()
     def scores(self, input_ids, attention_mask):
@@ -146,6 +163,7 @@ class SharedBaseModels(nn.Module):
 class SeparateModels(nn.Module):
     layout = "separate"
     reward_placement = "separate model"
+    shared_critic = False
 
     def __init__(self, policy_base, reference, reward_model, model_args: ModelArgs, value_init: str, value_body):
         super().__init__()
@@ -194,7 +212,8 @@ class SeparateModels(nn.Module):
         return self.policy.generation_config
 
 
-def build_models(layout: str, policy_parent: Manifest, reward: Manifest, model_args: ModelArgs, value_init: str):
+def build_models(layout: str, policy_parent: Manifest, reward: Manifest, model_args: ModelArgs, value_init: str,
+                 critic: str = "separate"):
     """Load the roles for the chosen layout. In the shared layout a LoRA reward model must sit on the same base as
     the policy (trained from the same SFT stage), since its adapter is applied to that base; a reward model trained in
     full is held as its own model beside the shared base."""
@@ -203,14 +222,18 @@ def build_models(layout: str, policy_parent: Manifest, reward: Manifest, model_a
     policy_base = load_stage_output(policy_parent, model_args, CAUSAL_LM)
     if layout == "shared":
         if not reward.adapter_path:  # trained in full: it cannot ride on the policy's base
-            return SharedBaseModels(policy_base, model_args, reward, value_init, load_stage_output(reward, model_args, REWARD))
+            return SharedBaseModels(policy_base, model_args, reward, value_init, load_stage_output(reward, model_args, REWARD),
+                                    critic)
         if reward.parent is None or Path(reward.parent).resolve() != Path(policy_parent.output_dir).resolve():
             raise ConfigError(
                 f"layout 'shared' applies the reward adapter to the policy's base, so the reward model must be trained "
                 f"from the same stage as the policy ({policy_parent.output_dir}); {reward.output_dir} was trained from "
                 f"{reward.parent}. Use layout: separate."
             )
-        return SharedBaseModels(policy_base, model_args, reward, value_init)
+        return SharedBaseModels(policy_base, model_args, reward, value_init, critic=critic)
+    if critic == "shared":
+        raise ConfigError("critic: shared puts the value head on the shared base's policy adapter; use layout: shared "
+                          "(or critic: separate)")
     reference = load_stage_output(policy_parent, model_args, CAUSAL_LM)
     reward_model = load_stage_output(reward, model_args, REWARD)
     value_body = load_stage_output(reward if value_init == "reward" else policy_parent, model_args, CAUSAL_LM)

@@ -60,6 +60,19 @@ def policy_logprobs(models, rollout: Rollout, rows, temperature: float, grad: bo
         return token_logprobs(logits, rollout.response_ids[rows]) * rollout.response_mask[rows], logits
 
 
+def policy_logprobs_and_values(models, rollout: Rollout, rows, temperature: float, grad: bool):
+    """(log-probs, logits, values): from one forward with a shared critic, else from the policy and the value model."""
+    if not models.shared_critic:
+        logprobs, logits = policy_logprobs(models, rollout, rows, temperature, grad)
+        return logprobs, logits, value_predictions(models, rollout, rows, grad)
+    mask = rollout.response_mask[rows]
+    with torch.set_grad_enabled(grad):
+        logits, values = models.policy_logits_and_values(*rollout.inputs(rows), keep=rollout.response_ids.shape[1] + 1)
+        logits = logits[:, :-1].float() / temperature
+        values = response_columns(values, rollout.prompt_ids.shape[1]).float()
+        return token_logprobs(logits, rollout.response_ids[rows]) * mask, logits, values * mask
+
+
 def value_predictions(models, rollout: Rollout, rows, grad: bool) -> torch.Tensor:
     with torch.set_grad_enabled(grad):
         values = response_columns(models.values(*rollout.inputs(rows)), rollout.prompt_ids.shape[1]).float()
@@ -93,10 +106,9 @@ def collect(models, tokenizer, reward_tokenizer, prompts: list[list[dict]], prom
         logprobs=None, ref_logprobs=None, values=None, raw_scores=None, scores=None, rewards=None, kl=None,
     )
     rows = slice(None)
-    rollout.logprobs, _ = policy_logprobs(models, rollout, rows, args.temperature, grad=False)
+    rollout.logprobs, _, rollout.values = policy_logprobs_and_values(models, rollout, rows, args.temperature, grad=False)
     reference_logits = response_logits(models.reference_logits, rollout, rows)
     rollout.ref_logprobs = token_logprobs(reference_logits.float() / args.temperature, rollout.response_ids) * rollout.response_mask
-    rollout.values = value_predictions(models, rollout, rows, grad=False)
     reward_ids, reward_mask = render_for_reward(reward_tokenizer, prompts, sample.texts)
     rollout.raw_scores = models.scores(reward_ids.to(device), reward_mask.to(device))
     mean, std = reward_stats if reward_stats else (None, None)

@@ -23,7 +23,8 @@ from tqdm.auto import tqdm
 from rlhf.config import ConfigError, DataArgs, ModelArgs, parse_args
 from rlhf.ppo import math as ppo_math
 from rlhf.ppo.config import PPOArgs
-from rlhf.ppo.rollout import Rollout, collect, finish_advantages, policy_logprobs, value_predictions
+from rlhf.ppo.rollout import (Rollout, collect, finish_advantages, policy_logprobs, policy_logprobs_and_values,
+                              value_predictions)
 
 STAGE = "ppo"
 PARENT_STAGES = ("sft", "dpo", "ppo")
@@ -93,16 +94,26 @@ def update(models, optimizer, rollout: Rollout, args: PPOArgs, distributed: Dist
             micro_batches = mini_batch.split(micro_size)
             for rows in micro_batches:
                 mask = rollout.response_mask[rows]
-                # Policy and value share no trainable parameter, so backpropagating their losses one after the
-                # other gives the gradients of the summed loss while only one graph's activations are alive at a time.
-                logprobs, logits = policy_logprobs(models, rollout, rows, args.temperature, grad=True)
-                pg_loss, pg_stats = ppo_math.policy_loss(logprobs, rollout.logprobs[rows], rollout.advantages[rows],
-                                                         mask, args.cliprange)
-                (pg_loss / len(micro_batches)).backward()
-                values = value_predictions(models, rollout, rows, grad=True)
-                vf_loss, vf_stats = ppo_math.value_loss(values, rollout.values[rows], rollout.returns[rows], mask,
-                                                        args.cliprange_value)
-                (args.vf_coef * vf_loss / len(micro_batches)).backward()
+                def policy_objective(logprobs):
+                    return ppo_math.policy_loss(logprobs, rollout.logprobs[rows], rollout.advantages[rows], mask,
+                                                args.cliprange)
+
+                def value_objective(values):
+                    return ppo_math.value_loss(values, rollout.values[rows], rollout.returns[rows], mask,
+                                               args.cliprange_value)
+
+                if models.shared_critic:  # one forward gives both, so one backward of the summed loss
+                    logprobs, logits, values = policy_logprobs_and_values(models, rollout, rows, args.temperature, grad=True)
+                    (pg_loss, pg_stats), (vf_loss, vf_stats) = policy_objective(logprobs), value_objective(values)
+                    ((pg_loss + args.vf_coef * vf_loss) / len(micro_batches)).backward()
+                else:
+                    # Policy and value share no trainable parameter, so backpropagating their losses one after the
+                    # other gives the gradients of the summed loss with one graph's activations alive at a time.
+                    logprobs, logits = policy_logprobs(models, rollout, rows, args.temperature, grad=True)
+                    pg_loss, pg_stats = policy_objective(logprobs)
+                    (pg_loss / len(micro_batches)).backward()
+                    vf_loss, vf_stats = value_objective(value_predictions(models, rollout, rows, grad=True))
+                    (args.vf_coef * vf_loss / len(micro_batches)).backward()
                 with torch.no_grad():
                     entropy = ppo_math.masked_mean(ppo_math.entropy_from_logits(logits), mask).item()
                 for key, value in {**pg_stats, **vf_stats, "loss/policy": pg_loss.item(), "loss/value": vf_loss.item(),
@@ -233,7 +244,7 @@ def main(argv: list[str] | None = None):
 
     # Models: identical initialisation on every process.
     torch.manual_seed(args.seed)
-    models = build_models(args.layout, policy_parent, reward_manifest, model_args, args.value_init)
+    models = build_models(args.layout, policy_parent, reward_manifest, model_args, args.value_init, args.critic)
     models.to(accelerator.device).eval()  # eval: dropout off, so rollout and update log-probs agree
     trainable = models.policy_parameters() + models.value_parameters()
     distributed.broadcast_parameters(trainable)

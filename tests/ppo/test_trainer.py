@@ -140,3 +140,42 @@ def test_two_processes_match_one(sft_run, reward_run, tmp_path):
     assert abs(one[0]["score/raw"] - two[0]["score/raw"]) < 0.5
     assert abs(one[0]["response/length"] - two[0]["response/length"]) < 6
     assert abs(one[-1]["score/gold"] - two[-1]["score/gold"]) < 0.2
+
+
+def test_shared_critic_reads_the_policy_forward_and_has_no_value_adapter(sft_run, reward_run):
+    model_args = ModelArgs(lora_r=8, lora_alpha=16)
+    models = build_models("shared", read_manifest(sft_run.output_dir), read_manifest(reward_run.output_dir), model_args,
+                          "policy", critic="shared").eval()
+    assert models.shared_critic and "value" not in models.model.peft_config
+    tokenizer = stage_tokenizer(read_manifest(sft_run.output_dir), model_args)
+    prompt_ids, prompt_mask, response_ids, response_mask = sequence_batch(tokenizer)
+    ids, mask = torch.cat([prompt_ids, response_ids], 1), torch.cat([prompt_mask, response_mask], 1)
+    positions = position_ids_from_mask(mask)
+    keep = response_ids.shape[1] + 1
+    with torch.no_grad():
+        torch.nn.init.normal_(models.value_head.weight)  # a head that is not all zeros, so values say something
+        logits, values = models.policy_logits_and_values(ids, mask, positions, keep=keep)
+        assert torch.allclose(logits, models.policy_logits(ids, mask, positions, keep=keep), atol=1e-5)
+        assert torch.allclose(values, models.values(ids, mask, positions), atol=1e-6)
+        body = models.model.get_base_model().base_model(input_ids=ids, attention_mask=mask, position_ids=positions)
+        assert torch.allclose(values, models.value_head(body.last_hidden_state).squeeze(-1), atol=1e-5)
+
+
+def test_shared_critic_run_learns(sft_run, reward_run, tmp_path):
+    manifest = short_run(sft_run, reward_run, tmp_path / "shared_critic", "--steps", "16", "--critic", "shared",
+                         "--value_init", "policy", "--rollout_batch_size", "16", "--mini_batch_size", "8",
+                         "--ppo_epochs", "4")
+    lines = metrics_lines(tmp_path / "shared_critic")
+    first, last = lines[:4], lines[-4:]
+    mean = lambda rows, key: sum(row[key] for row in rows) / len(rows)  # noqa: E731
+    assert mean(last, "score/raw") > mean(first, "score/raw") + 0.3, [row["score/raw"] for row in lines]
+    assert manifest.config["training"]["critic"] == "shared"
+
+
+def test_shared_critic_needs_the_shared_layout(sft_run, reward_run, tmp_path):
+    import pytest
+
+    from rlhf.config import ConfigError
+
+    with pytest.raises(ConfigError, match="critic: shared .* use layout: shared"):
+        short_run(sft_run, reward_run, tmp_path / "bad", "--steps", "1", "--critic", "shared", "--layout", "separate")
