@@ -47,17 +47,23 @@ def response_columns(per_position: torch.Tensor, prompt_width: int) -> torch.Ten
     return per_position[:, prompt_width - 1 : -1]
 
 
-def response_logits(logits_fn, rollout: Rollout, rows) -> torch.Tensor:
-    """The logits that predict each response token. Only the last response-width + 1 positions go through the LM head
-    (logits_to_keep): with a real vocabulary, logits over the prompt would dominate the memory of the update."""
-    return logits_fn(*rollout.inputs(rows), keep=rollout.response_ids.shape[1] + 1)[:, :-1]
+def logits_to_keep(rollout: Rollout) -> int:
+    """Positions that go through the LM head: the response width + 1, whose first R predict the response tokens.
+    With a real vocabulary, logits over the prompt would dominate the memory of the update."""
+    return rollout.response_ids.shape[1] + 1
+
+
+def sampled_logprobs(kept_logits: torch.Tensor, rollout: Rollout, rows, temperature: float):
+    """(log-probs of the sampled response tokens, the temperature-scaled logits that predict them)."""
+    logits = kept_logits[:, :-1].float() / temperature
+    return token_logprobs(logits, rollout.response_ids[rows]) * rollout.response_mask[rows], logits
 
 
 def policy_logprobs(models, rollout: Rollout, rows, temperature: float, grad: bool):
     """Log-probs of the sampled tokens under the current policy (and the logits, for the entropy)."""
     with torch.set_grad_enabled(grad):
-        logits = response_logits(models.policy_logits, rollout, rows).float() / temperature
-        return token_logprobs(logits, rollout.response_ids[rows]) * rollout.response_mask[rows], logits
+        kept = models.policy_logits(*rollout.inputs(rows), keep=logits_to_keep(rollout))
+        return sampled_logprobs(kept, rollout, rows, temperature)
 
 
 def policy_logprobs_and_values(models, rollout: Rollout, rows, temperature: float, grad: bool):
@@ -65,12 +71,11 @@ def policy_logprobs_and_values(models, rollout: Rollout, rows, temperature: floa
     if not models.shared_critic:
         logprobs, logits = policy_logprobs(models, rollout, rows, temperature, grad)
         return logprobs, logits, value_predictions(models, rollout, rows, grad)
-    mask = rollout.response_mask[rows]
     with torch.set_grad_enabled(grad):
-        logits, values = models.policy_logits_and_values(*rollout.inputs(rows), keep=rollout.response_ids.shape[1] + 1)
-        logits = logits[:, :-1].float() / temperature
+        kept, values = models.policy_logits_and_values(*rollout.inputs(rows), keep=logits_to_keep(rollout))
+        logprobs, logits = sampled_logprobs(kept, rollout, rows, temperature)
         values = response_columns(values, rollout.prompt_ids.shape[1]).float()
-        return token_logprobs(logits, rollout.response_ids[rows]) * mask, logits, values * mask
+        return logprobs, logits, values * rollout.response_mask[rows]
 
 
 def value_predictions(models, rollout: Rollout, rows, grad: bool) -> torch.Tensor:
@@ -107,8 +112,8 @@ def collect(models, tokenizer, reward_tokenizer, prompts: list[list[dict]], prom
     )
     rows = slice(None)
     rollout.logprobs, _, rollout.values = policy_logprobs_and_values(models, rollout, rows, args.temperature, grad=False)
-    reference_logits = response_logits(models.reference_logits, rollout, rows)
-    rollout.ref_logprobs = token_logprobs(reference_logits.float() / args.temperature, rollout.response_ids) * rollout.response_mask
+    reference_logits = models.reference_logits(*rollout.inputs(), keep=logits_to_keep(rollout))
+    rollout.ref_logprobs, _ = sampled_logprobs(reference_logits, rollout, rows, args.temperature)
     reward_ids, reward_mask = render_for_reward(reward_tokenizer, prompts, sample.texts)
     rollout.raw_scores = models.scores(reward_ids.to(device), reward_mask.to(device))
     mean, std = reward_stats if reward_stats else (None, None)
