@@ -17,12 +17,12 @@ from trl import DPOConfig
 
 from rlhf.config import DataArgs, ModelArgs, parse_args
 from rlhf.stage import (
-    NonFiniteLossGuard,
     finish_stage,
     hold_output_lock,
     load_gold_prompts,
     prepare_checkpoints,
     require,
+    stage_callbacks,
     stage_config,
     training_metrics,
 )
@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None):
         eval_dataset=data.to_dataset(eval_pairs) if eval_pairs else None,
         processing_class=tokenizer,
         peft_config=lora_config(model_args),
-        callbacks=[NonFiniteLossGuard()],
+        callbacks=stage_callbacks(),
     )
     train_result = trainer.train(resume_from_checkpoint=resume_from)
     metrics = training_metrics(trainer, train_result)

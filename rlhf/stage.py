@@ -8,10 +8,11 @@ import fcntl
 import logging
 import math
 import os
+import shutil
 from pathlib import Path
 
 from transformers import TrainerCallback
-from transformers.trainer_utils import get_last_checkpoint
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from rlhf.config import ConfigError, DataArgs, ModelArgs, to_plain_dict
 from rlhf.manifest import Manifest, write_manifest
@@ -50,10 +51,56 @@ def prepare_checkpoints(training_args, output_dir: str, config: dict) -> str | N
     checkpoint_dir = Path(output_dir) / "checkpoints"
     training_args.output_dir = str(checkpoint_dir)
     check_checkpoint_config(checkpoint_dir, config_hash(config))
-    last = get_last_checkpoint(str(checkpoint_dir)) if checkpoint_dir.is_dir() else None
+    discard_incomplete_checkpoints(checkpoint_dir)
+    last = last_complete_checkpoint(checkpoint_dir)
     if last:
         logger.warning("resuming from %s", last)
     return last
+
+
+# Trainer writes checkpoint-N file by file; a run killed mid-save leaves a folder that looks like a checkpoint but
+# cannot be loaded. CheckpointCompleteMarker writes this file once every process has finished saving.
+COMPLETE_MARKER = "checkpoint_complete"
+
+
+def complete_checkpoints(checkpoint_dir: Path) -> list[Path]:
+    """The finished checkpoint-N folders, oldest first."""
+    if not checkpoint_dir.is_dir():
+        return []
+    found = [path for path in checkpoint_dir.glob(f"{PREFIX_CHECKPOINT_DIR}-*")
+             if path.name.split("-")[-1].isdigit() and (path / COMPLETE_MARKER).is_file()]
+    return sorted(found, key=lambda path: int(path.name.split("-")[-1]))
+
+
+def last_complete_checkpoint(checkpoint_dir: Path) -> str | None:
+    done = complete_checkpoints(Path(checkpoint_dir))
+    return str(done[-1]) if done else None
+
+
+def discard_incomplete_checkpoints(checkpoint_dir: Path) -> None:
+    """Remove checkpoint folders a killed run left half-written, so neither resume nor rotation picks them up."""
+    if not is_main_process() or not checkpoint_dir.is_dir():
+        return
+    done = set(complete_checkpoints(checkpoint_dir))
+    for path in checkpoint_dir.glob(f"{PREFIX_CHECKPOINT_DIR}-*"):
+        if path.is_dir() and path not in done:
+            logger.warning("discarding %s: it was not completely written (the run was stopped while saving)", path)
+            shutil.rmtree(path)
+
+
+class CheckpointCompleteMarker(TrainerCallback):
+    """Mark checkpoint-N finished once every process has written its part (sharded optimizers save per rank)."""
+
+    def on_save(self, args, state, control, **kwargs):
+        import torch.distributed as dist
+
+        from rlhf.manifest import atomic_write
+
+        if dist.is_available() and dist.is_initialized():
+            dist.barrier()
+        if state.is_world_process_zero:
+            checkpoint = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
+            atomic_write(checkpoint / COMPLETE_MARKER, f"{state.global_step}\n")
 
 
 def check_checkpoint_config(checkpoint_dir: Path, wanted_hash: str) -> None:
@@ -80,13 +127,18 @@ class NonFiniteLossGuard(TrainerCallback):
                and not math.isfinite(logs[key])]
         if bad:
             name, loss = bad[0]
-            last = get_last_checkpoint(args.output_dir) if Path(args.output_dir).is_dir() else None
+            last = last_complete_checkpoint(Path(args.output_dir))
             kept = f"last good checkpoint: {last}" if last else "no checkpoint was saved yet"
             raise StageError(
                 f"{'loss' if name == 'loss' else 'gradient norm'} became {loss} at step {state.global_step}; "
                 f"the loss diverged; stopping ({kept}). "
                 "Lower the learning rate or check the data."
             )
+
+
+def stage_callbacks() -> list[TrainerCallback]:
+    """The callbacks every TRL-trained stage runs with."""
+    return [NonFiniteLossGuard(), CheckpointCompleteMarker()]
 
 
 def logged_losses(log_history: list[dict], key: str = "loss") -> list[float]:

@@ -3,16 +3,17 @@ on the same folder is refused, a diverging loss stops the stage."""
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
 
 import pytest
-
 from conftest import REPO
+
 from rlhf.cli import main
-from rlhf.stage import hold_output_lock
+from rlhf.stage import COMPLETE_MARKER, complete_checkpoints, hold_output_lock
 
 SFT = ["sft", "--config", "recipes/tiny/sft.yaml"]
 
@@ -86,22 +87,32 @@ def test_diverging_loss_stops_the_stage(tmp_path, capsys):
     assert not (tmp_path / "sft" / "manifest.json").exists()  # never taken as done
 
 
-def test_killed_stage_resumes_from_its_last_checkpoint(tmp_path):
+def test_killed_stage_resumes_from_its_last_complete_checkpoint(tmp_path):
     output_dir = tmp_path / "sft"
+    checkpoints = output_dir / "checkpoints"
     command = [sys.executable, "-m", "rlhf.cli", *SFT, "--output_dir", str(output_dir), "--max_steps", "60",
                "--save_steps", "10", "--gold_eval_prompts", "", "--eval_data", ""]
     process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                start_new_session=True)
     deadline = time.time() + 300
-    while not (output_dir / "checkpoints" / "checkpoint-20").is_dir() and time.time() < deadline:
-        time.sleep(0.5)
+    while not (checkpoints / "checkpoint-20" / COMPLETE_MARKER).is_file() and time.time() < deadline:
+        time.sleep(0.2)
     os.killpg(process.pid, signal.SIGKILL)
     process.wait()
-    assert (output_dir / "checkpoints" / "checkpoint-20").is_dir()
     assert not (output_dir / "manifest.json").exists()
+    last_complete = complete_checkpoints(checkpoints)[-1]
+    assert int(last_complete.name.split("-")[1]) >= 20
+
+    # A kill in the middle of a save leaves a checkpoint folder with only some of its files: it must not be resumed.
+    half_written = checkpoints / f"checkpoint-{int(last_complete.name.split('-')[1]) + 10}"
+    half_written.mkdir(exist_ok=True)
+    for leftover in half_written.iterdir():
+        leftover.unlink() if leftover.is_file() else shutil.rmtree(leftover)
+    shutil.copy(last_complete / "adapter_config.json", half_written / "adapter_config.json")
 
     result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "resuming from" in result.stderr
+    assert f"discarding {half_written}" in result.stderr
+    assert f"resuming from {last_complete}" in result.stderr
     manifest = json.loads((output_dir / "manifest.json").read_text())
     assert manifest["metrics"]["steps"] == 60
