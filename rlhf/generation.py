@@ -18,6 +18,10 @@ class Generation:
     response_mask: torch.Tensor  # (batch, response_len), 1 up to and including the first EOS
     ended: torch.Tensor  # (batch,) bool: the response stopped with EOS inside max_new_tokens
     texts: list[str]  # decoded responses without special tokens
+    # With return_logits: the raw logits that predicted each response token (batch, response_len, vocab).
+    logits: torch.Tensor | None = None
+    # With step_head: step_head(last hidden state) at the position before each response token (batch, response_len).
+    head_outputs: torch.Tensor | None = None
 
 
 def encode_prompts(tokenizer, prompts: list[list[dict]]) -> list[list[int]]:
@@ -69,7 +73,12 @@ def generate(
     temperature: float = 1.0,
     top_p: float = 1.0,
     do_sample: bool = True,
+    return_logits: bool = False,
+    step_head=None,
 ) -> Generation:
+    """Sample responses. PPO asks for what decoding computes anyway, so it need not run the policy again: the
+    logits of every step (return_logits) and a head over the last hidden state of every step (step_head: a
+    value head), read from the input of the LM head, which decoding calls once per new token."""
     device = next(model.parameters()).device
     ids, mask = pad_batch(prompt_ids, tokenizer.pad_token_id, side="left")
     ids, mask = ids.to(device), mask.to(device)
@@ -77,19 +86,36 @@ def generate(
     sampling = dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=0) if do_sample else dict(do_sample=False)
     was_training = model.training
     model.eval()
-    output = model.generate(
-        input_ids=ids,
-        attention_mask=mask,
-        max_new_tokens=max_new_tokens,
-        eos_token_id=stops,
-        pad_token_id=tokenizer.pad_token_id,
-        use_cache=True,
-        **sampling,
-    )
-    model.train(was_training)
-    response_ids, response_mask, ended = truncate_after_stop(output[:, ids.shape[1]:], stops, tokenizer.pad_token_id)
+    head_outputs = []
+    hook = None
+    if step_head is not None:
+        # generate() keeps only the last position for the LM head (prefill included): one hidden state per step.
+        hook = model.get_output_embeddings().register_forward_hook(
+            lambda module, inputs, output: head_outputs.append(step_head(inputs[0][:, -1]).squeeze(-1).float()))
+    try:
+        output = model.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            max_new_tokens=max_new_tokens,
+            eos_token_id=stops,
+            pad_token_id=tokenizer.pad_token_id,
+            use_cache=True,
+            return_dict_in_generate=True,
+            output_logits=return_logits,
+            **sampling,
+        )
+    finally:
+        if hook is not None:
+            hook.remove()
+        model.train(was_training)
+    response_ids, response_mask, ended = truncate_after_stop(output.sequences[:, ids.shape[1]:], stops, tokenizer.pad_token_id)
     texts = tokenizer.batch_decode(response_ids.masked_fill(response_mask == 0, tokenizer.pad_token_id), skip_special_tokens=True)
-    return Generation(ids, mask, response_ids, response_mask, ended, texts)
+    steps = response_ids.shape[1]
+    return Generation(
+        ids, mask, response_ids, response_mask, ended, texts,
+        logits=torch.stack(output.logits[:steps], dim=1).float() if return_logits else None,
+        head_outputs=torch.stack(head_outputs[:steps], dim=1) if step_head is not None else None,
+    )
 
 
 def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:

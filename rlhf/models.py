@@ -7,6 +7,7 @@ sets trust_remote_code.
 from __future__ import annotations
 
 import logging
+from contextlib import contextmanager
 from pathlib import Path
 
 from rlhf.config import ConfigError, ModelArgs
@@ -194,3 +195,54 @@ def split_head_weights(tensors: dict, head_name: str = "score") -> tuple[dict, d
     """Separate a classifier head saved via modules_to_save from the LoRA weights of a reward adapter."""
     head = {key: value for key, value in tensors.items() if f".{head_name}." in key}
     return {key: value for key, value in tensors.items() if key not in head}, head
+
+
+def mergeable_lora_layers(peft_model, adapter: str) -> list | None:
+    """The LoRA linear layers of `adapter` when folding it into the weights is exact enough to sample from (plain
+    LoRA on fp32 linears, nothing else trained by the adapter); None otherwise. In bf16/fp16, W + BA rounds away
+    much of a small update, so the merged model would not be the policy that training sees."""
+    import torch
+    from peft.tuners.lora import Linear as LoraLinear
+    from peft.tuners.tuners_utils import BaseTunerLayer
+    from peft.utils import AuxiliaryTrainingWrapper
+
+    layers = []
+    for module in peft_model.modules():
+        if isinstance(module, AuxiliaryTrainingWrapper) and adapter in getattr(module, "modules_to_save", {}):
+            return None  # modules_to_save / trainable tokens: not a weight delta
+        if not isinstance(module, BaseTunerLayer) or adapter not in getattr(module, "lora_A", {}):
+            continue
+        base = module.get_base_layer()
+        if (type(module) is not LoraLinear or module.use_dora.get(adapter) or module.lora_bias.get(adapter)
+                or module.merged or base.weight.dtype != torch.float32 or base.weight.dim() != 2):
+            return None
+        layers.append(module)
+    return layers or None
+
+
+@contextmanager
+def lora_merged(peft_model, adapter: str):
+    """Run `peft_model` as plain linears with `adapter` folded into fresh weight tensors: no per-layer LoRA branch,
+    which dominates the cost of token-by-token decoding on CPU. The original weight tensors are put back untouched
+    (peft's unmerge subtracts, and would drift the shared base that is also the reference). Falls back to the
+    unmerged model where merging is not exact (see mergeable_lora_layers). The merged copy lives only inside the
+    `with` block."""
+    import torch
+
+    layers = mergeable_lora_layers(peft_model, adapter)
+    if layers is None:
+        yield False
+        return
+    originals = []
+    try:
+        with torch.no_grad():
+            for layer in layers:
+                base = layer.get_base_layer()
+                originals.append((base, base.weight))
+                merged = base.weight + layer.get_delta_weight(adapter).to(base.weight.dtype)
+                base.weight = torch.nn.Parameter(merged, requires_grad=False)
+        with peft_model.disable_adapter():
+            yield True
+    finally:
+        for base, weight in originals:
+            base.weight = weight

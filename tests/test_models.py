@@ -5,7 +5,7 @@ import torch
 
 from conftest import TINY_BASE
 from rlhf.config import ConfigError, ModelArgs
-from rlhf.models import check_model_path, load_causal_lm, load_tokenizer
+from rlhf.models import check_model_path, load_causal_lm, load_tokenizer, lora_config, lora_merged
 
 
 def test_pad_equal_to_eos_gets_a_distinct_pad(tmp_path):
@@ -49,3 +49,32 @@ def test_tokenizer_without_eos_is_refused(tmp_path):
     tokenizer.save_pretrained(tmp_path)
     with pytest.raises(ConfigError, match="no eos_token"):
         load_tokenizer(str(tmp_path))
+
+
+def test_lora_merged_runs_plain_weights_and_restores_the_base_exactly():
+    from peft import get_peft_model
+
+    model_args = ModelArgs()
+    model = get_peft_model(load_causal_lm(TINY_BASE, model_args), lora_config(model_args)).eval()
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(std=0.05)
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10]])
+    base = {name: (parameter, parameter.detach().clone()) for name, parameter in model.named_parameters()}
+    with torch.no_grad():
+        expected = model(input_ids=ids).logits
+        with lora_merged(model, "default") as merged:
+            assert merged
+            lora_layers = [module for module in model.modules() if hasattr(module, "lora_A")]
+            assert all(module.disable_adapters for module in lora_layers)  # no LoRA branch runs
+            inside = model(input_ids=ids).logits
+        after = model(input_ids=ids).logits
+    torch.testing.assert_close(inside, expected, atol=1e-5, rtol=1e-5)
+    assert torch.equal(after, expected)
+    for name, parameter in model.named_parameters():
+        original, copy = base[name]
+        assert parameter is original and torch.equal(parameter, copy), name
+
+    with lora_merged(model.to(torch.bfloat16), "default") as merged:
+        assert not merged  # bf16 would round the update away: generation keeps the LoRA branch

@@ -42,6 +42,13 @@ class PPOArgs:
     max_new_tokens: int = field(default=48, metadata={"help": "Longest response sampled."})
     temperature: float = field(default=1.0, metadata={"help": "Sampling temperature (also used for log-probs)."})
     top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling threshold."})
+    logprobs_from_generation: bool = field(
+        default=True,
+        metadata={"help": "Take the rollout log-probs (and, with critic: shared, the values) from the logits and hidden "
+                  "states that sampling computed, instead of a second forward pass of the policy. The two agree to "
+                  "float rounding in fp32; in bf16 the KV-cached decode and a full forward differ more, and a "
+                  "recomputed forward (false) keeps the first update exactly on-policy."},
+    )
     # Rewards
     kl_coef: float = field(default=0.05, metadata={"help": "Initial per-token KL penalty coefficient."})
     kl_estimator: str = field(default="k1", metadata={"help": "k1 (log ratio) or k3 (non-negative).", "choices": ["k1", "k3"]})

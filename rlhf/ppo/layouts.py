@@ -23,6 +23,7 @@ from rlhf.models import (
     CAUSAL_LM,
     load_stage_output,
     lora_config,
+    lora_merged,
     read_adapter,
     split_head_weights,
 )
@@ -122,9 +123,12 @@ class SharedBaseModels(nn.Module):
 
     @torch.no_grad()
     def reference_logits(self, input_ids, attention_mask, position_ids, keep: int = 0):
-        with self.model.disable_adapter():
-            return self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                              use_cache=False, logits_to_keep=keep).logits
+        try:
+            with self.model.disable_adapter():
+                return self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                                  use_cache=False, logits_to_keep=keep).logits
+        finally:
+            self._active = None  # re-enabling leaves only the active adapter trainable: the next _use restores both
 
     def values(self, input_ids, attention_mask, position_ids):
         if self.shared_critic:
@@ -154,7 +158,14 @@ class SharedBaseModels(nn.Module):
     @torch.no_grad()
     def generate(self, **kwargs):
         self._use(POLICY)
-        return self.model.generate(**kwargs)
+        try:
+            with lora_merged(self.model, POLICY):
+                return self.model.generate(**kwargs)
+        finally:
+            self._active = None  # lora_merged disables the adapters around generation; see reference_logits
+
+    def get_output_embeddings(self):
+        return self.model.get_base_model().get_output_embeddings()
 
     def policy_for_saving(self):
         return self.model  # save_pretrained(selected_adapters=[POLICY]) writes a plain adapter folder
@@ -206,7 +217,11 @@ class SeparateModels(nn.Module):
 
     @torch.no_grad()
     def generate(self, **kwargs):
-        return self.policy.generate(**kwargs)
+        with lora_merged(self.policy, "default"):
+            return self.policy.generate(**kwargs)
+
+    def get_output_embeddings(self):
+        return self.policy.get_base_model().get_output_embeddings()
 
     def policy_for_saving(self):
         return self.policy

@@ -101,8 +101,10 @@ def collect(models, tokenizer, reward_tokenizer, prompts: list[list[dict]], prom
     """Sample and score one batch; rewards, advantages and returns are filled by `finish_advantages`."""
     device = next(models.parameters()).device
     start = time.perf_counter()
+    from_generation = args.logprobs_from_generation
     sample = generate(models, tokenizer, prompt_ids, max_new_tokens=args.max_new_tokens,
-                      temperature=args.temperature, top_p=args.top_p)
+                      temperature=args.temperature, top_p=args.top_p, return_logits=from_generation,
+                      step_head=models.value_head if from_generation and models.shared_critic else None)
     generated = time.perf_counter()
 
     rollout = Rollout(
@@ -111,7 +113,12 @@ def collect(models, tokenizer, reward_tokenizer, prompts: list[list[dict]], prom
         logprobs=None, ref_logprobs=None, values=None, raw_scores=None, scores=None, rewards=None, kl=None,
     )
     rows = slice(None)
-    rollout.logprobs, _, rollout.values = policy_logprobs_and_values(models, rollout, rows, args.temperature, grad=False)
+    if from_generation:
+        rollout.logprobs = token_logprobs(sample.logits / args.temperature, sample.response_ids) * rollout.response_mask
+        rollout.values = (sample.head_outputs * rollout.response_mask if models.shared_critic
+                          else value_predictions(models, rollout, rows, grad=False))
+    else:
+        rollout.logprobs, _, rollout.values = policy_logprobs_and_values(models, rollout, rows, args.temperature, grad=False)
     reference_logits = models.reference_logits(*rollout.inputs(), keep=logits_to_keep(rollout))
     rollout.ref_logprobs, _ = sampled_logprobs(reference_logits, rollout, rows, args.temperature)
     reward_ids, reward_mask = render_for_reward(reward_tokenizer, prompts, sample.texts)

@@ -22,7 +22,8 @@ def test_ppo_improves_gold_reward_over_sft(ppo_run, sft_run):
     ppo_gold = ppo_run.metrics["gold"]["gold_reward"]["mean"]
     assert ppo_gold >= 1.25 * sft_gold, (sft_gold, ppo_gold)
     assert ppo_run.metrics["last"]["score/raw"] > ppo_run.metrics["first"]["score/raw"]
-    assert ppo_run.metrics["first"]["kl/sequence"] == 0.0  # the policy starts as the reference
+    # The policy starts as the reference (equal up to the rounding of KV-cached decoding vs a full forward).
+    assert abs(ppo_run.metrics["first"]["kl/sequence"]) < 1e-4
     assert ppo_run.extra["layout"] == "shared"
     lines = (REPO / ppo_run.output_dir / "metrics.jsonl").read_text().splitlines()
     assert len(lines) == ppo_run.metrics["steps"]
@@ -118,7 +119,7 @@ def test_resume_continues_exactly_like_an_uninterrupted_run(sft_run, reward_run,
 def test_separate_layout_runs_and_says_so(sft_run, reward_run, tmp_path):
     manifest = short_run(sft_run, reward_run, tmp_path / "separate", "--steps", "1", "--layout", "separate")
     assert manifest.extra["layout"] == "separate"
-    assert manifest.metrics["first"]["kl/sequence"] == 0.0
+    assert abs(manifest.metrics["first"]["kl/sequence"]) < 1e-4
     assert read_manifest(tmp_path / "separate").stage == "ppo"
 
 
@@ -136,7 +137,7 @@ def test_two_processes_match_one(sft_run, reward_run, tmp_path):
     one, two = metrics_lines(tmp_path / "one"), metrics_lines(tmp_path / "two")
     assert read_manifest(tmp_path / "two").extra["world_size"] == 2
     # Same prompts, same model, different sampling streams: statistics agree within sampling noise.
-    assert one[0]["kl/sequence"] == two[0]["kl/sequence"] == 0.0
+    assert abs(one[0]["kl/sequence"]) < 1e-4 and abs(two[0]["kl/sequence"]) < 1e-4
     assert abs(one[0]["score/raw"] - two[0]["score/raw"]) < 0.5
     assert abs(one[0]["response/length"] - two[0]["response/length"]) < 6
     assert abs(one[-1]["score/gold"] - two[-1]["score/gold"]) < 0.2
