@@ -98,7 +98,7 @@ def run_trl(sft: Path, reward: Path, settings: list[str], work: Path, tag: str) 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", nargs="+", default=["tiny", "30m"], choices=["tiny", "30m"])
-    parser.add_argument("--steps", type=int, default=3, help="PPO iterations per run (the first is not timed).")
+    parser.add_argument("--steps", type=int, default=5, help="PPO iterations per run (the first is not timed).")
     parser.add_argument("--rollout_batch_size", type=int, default=16)
     parser.add_argument("--mini_batch_size", type=int, default=8)
     parser.add_argument("--ppo_epochs", type=int, default=2)
