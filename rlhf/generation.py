@@ -113,7 +113,7 @@ def generate(
     steps = response_ids.shape[1]
     return Generation(
         ids, mask, response_ids, response_mask, ended, texts,
-        logits=torch.stack(output.logits[:steps], dim=1).float() if return_logits else None,
+        logits=torch.stack(output.logits[:steps], dim=1) if return_logits else None,
         head_outputs=torch.stack(head_outputs[:steps], dim=1) if step_head is not None else None,
     )
 

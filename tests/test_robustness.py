@@ -10,8 +10,8 @@ import sys
 import time
 
 import pytest
-from conftest import REPO
 
+from conftest import REPO
 from rlhf.cli import main
 from rlhf.stage import COMPLETE_MARKER, complete_checkpoints, hold_output_lock
 

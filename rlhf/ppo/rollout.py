@@ -53,9 +53,10 @@ def logits_to_keep(rollout: Rollout) -> int:
     return rollout.response_ids.shape[1] + 1
 
 
-def sampled_logprobs(kept_logits: torch.Tensor, rollout: Rollout, rows, temperature: float):
-    """(log-probs of the sampled response tokens, the temperature-scaled logits that predict them)."""
-    logits = kept_logits[:, :-1].float() / temperature
+def sampled_logprobs(response_logits: torch.Tensor, rollout: Rollout, rows, temperature: float):
+    """(log-probs of the sampled response tokens, the temperature-scaled logits), from the logits that predict each
+    response token: the first R of a forward's kept positions, or what sampling returned."""
+    logits = response_logits.float() / temperature
     return token_logprobs(logits, rollout.response_ids[rows]) * rollout.response_mask[rows], logits
 
 
@@ -63,7 +64,7 @@ def policy_logprobs(models, rollout: Rollout, rows, temperature: float, grad: bo
     """Log-probs of the sampled tokens under the current policy (and the logits, for the entropy)."""
     with torch.set_grad_enabled(grad):
         kept = models.policy_logits(*rollout.inputs(rows), keep=logits_to_keep(rollout))
-        return sampled_logprobs(kept, rollout, rows, temperature)
+        return sampled_logprobs(kept[:, :-1], rollout, rows, temperature)
 
 
 def policy_logprobs_and_values(models, rollout: Rollout, rows, temperature: float, grad: bool):
@@ -73,7 +74,7 @@ def policy_logprobs_and_values(models, rollout: Rollout, rows, temperature: floa
         return logprobs, logits, value_predictions(models, rollout, rows, grad)
     with torch.set_grad_enabled(grad):
         kept, values = models.policy_logits_and_values(*rollout.inputs(rows), keep=logits_to_keep(rollout))
-        logprobs, logits = sampled_logprobs(kept, rollout, rows, temperature)
+        logprobs, logits = sampled_logprobs(kept[:, :-1], rollout, rows, temperature)
         values = response_columns(values, rollout.prompt_ids.shape[1]).float()
         return logprobs, logits, values * rollout.response_mask[rows]
 
@@ -114,13 +115,13 @@ def collect(models, tokenizer, reward_tokenizer, prompts: list[list[dict]], prom
     )
     rows = slice(None)
     if from_generation:
-        rollout.logprobs = token_logprobs(sample.logits / args.temperature, sample.response_ids) * rollout.response_mask
+        rollout.logprobs, _ = sampled_logprobs(sample.logits, rollout, rows, args.temperature)
         rollout.values = (sample.head_outputs * rollout.response_mask if models.shared_critic
                           else value_predictions(models, rollout, rows, grad=False))
     else:
         rollout.logprobs, _, rollout.values = policy_logprobs_and_values(models, rollout, rows, args.temperature, grad=False)
     reference_logits = models.reference_logits(*rollout.inputs(), keep=logits_to_keep(rollout))
-    rollout.ref_logprobs, _ = sampled_logprobs(reference_logits, rollout, rows, args.temperature)
+    rollout.ref_logprobs, _ = sampled_logprobs(reference_logits[:, :-1], rollout, rows, args.temperature)
     reward_ids, reward_mask = render_for_reward(reward_tokenizer, prompts, sample.texts)
     rollout.raw_scores = models.scores(reward_ids.to(device), reward_mask.to(device))
     mean, std = reward_stats if reward_stats else (None, None)
