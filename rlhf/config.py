@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import os
+import re
 import sys
 import types
 import typing
@@ -18,6 +19,22 @@ from pathlib import Path
 
 class ConfigError(ValueError):
     """A recipe or command line that cannot run; the message says what to fix."""
+
+
+def _check_range(name: str, value, ok: bool, expected: str) -> None:
+    if not ok:
+        raise ConfigError(f"{name}: expected {expected}, got {value!r}")
+
+
+def _at_least_one(name: str, value, optional: bool = False) -> None:
+    if value is None and optional:
+        return
+    _check_range(name, value, isinstance(value, int) and not isinstance(value, bool) and value >= 1,
+                 "an integer >= 1" + (" (or leave it unset)" if optional else ""))
+
+
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 @dataclass
@@ -54,6 +71,12 @@ class ModelArgs:
                                                 "when the chat template's special tokens were never trained)."}
     )
 
+    def __post_init__(self):
+        _at_least_one("lora_r", self.lora_r)
+        _check_range("lora_alpha", self.lora_alpha, _number(self.lora_alpha) and self.lora_alpha > 0, "a number > 0")
+        _check_range("lora_dropout", self.lora_dropout, _number(self.lora_dropout) and 0 <= self.lora_dropout < 1,
+                     "a number in [0, 1)")
+
 
 @dataclass
 class DataArgs:
@@ -78,6 +101,28 @@ class DataArgs:
         default=None, metadata={"help": "Prompt file to sample from after training to report the gold reward."}
     )
     gold_eval_samples: int = field(default=64, metadata={"help": "How many prompts the gold-reward report samples."})
+
+    def __post_init__(self):
+        _at_least_one("max_train_samples", self.max_train_samples, optional=True)
+        _at_least_one("max_eval_samples", self.max_eval_samples, optional=True)
+        _at_least_one("gold_eval_samples", self.gold_eval_samples)
+
+
+def check_training_ranges(training_args) -> None:
+    """Check the TRL/transformers TrainingArguments fields that are easy to get wrong (transformers accepts a batch
+    size of 0 and fails much later); raises ConfigError naming the key. Fields a config lacks are skipped."""
+    for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
+        if hasattr(training_args, name):
+            _at_least_one(name, getattr(training_args, name))
+    learning_rate = getattr(training_args, "learning_rate", None)
+    if learning_rate is not None:
+        _check_range("learning_rate", learning_rate, _number(learning_rate) and learning_rate >= 0, "a number >= 0")
+    epochs, max_steps = getattr(training_args, "num_train_epochs", None), getattr(training_args, "max_steps", None)
+    if epochs is not None and not (_number(max_steps) and max_steps > 0):
+        _check_range("num_train_epochs", epochs, _number(epochs) and epochs > 0, "a number > 0 (or set max_steps > 0)")
+    for name in ("max_length", "max_prompt_length", "max_completion_length"):
+        if hasattr(training_args, name):
+            _at_least_one(name, getattr(training_args, name), optional=True)
 
 
 def _field_types(dataclass_types) -> dict[str, tuple[type, object]]:
@@ -122,6 +167,36 @@ def _describe(annotation) -> str:
     return getattr(annotation, "__name__", None) or str(annotation).replace("typing.", "")
 
 
+# PyYAML follows YAML 1.1, where a float needs a dot and a signed exponent: `1e-3` and `1.0e3` are read as strings.
+_NUMBER_STRING = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
+
+
+def _accepts(annotation, wanted: type) -> bool:
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        return any(_accepts(arg, wanted) for arg in typing.get_args(annotation))
+    return isinstance(annotation, type) and issubclass(annotation, wanted) and not (
+        wanted is int and annotation is bool)
+
+
+def _recipe_value(value, annotation):
+    """A recipe value as the field should hold it: a number written as a string (`learning_rate: 1e-3`) becomes a
+    float where the field takes a float and no string. Everything else is returned as is."""
+    if (isinstance(value, str) and _NUMBER_STRING.fullmatch(value.strip()) and _accepts(annotation, float)
+            and not _accepts(annotation, str)):
+        return float(value)
+    return value
+
+
+def _type_hint(value, annotation) -> str:
+    """Extra advice for a number string given to an integer field (`max_steps: 1e3`)."""
+    if (isinstance(value, str) and _NUMBER_STRING.fullmatch(value.strip()) and _accepts(annotation, int)
+            and not _accepts(annotation, float)):
+        number = float(value)
+        example = f"{int(number)}" if number.is_integer() else "a whole number"
+        return f"; write it as a plain integer, e.g. {example}"
+    return ""
+
+
 def load_recipe(path: str, dataclass_types) -> dict:
     """Read a YAML recipe and check every key and value type against the stage's dataclasses."""
     import yaml
@@ -138,7 +213,7 @@ def load_recipe(path: str, dataclass_types) -> dict:
     if not isinstance(recipe, dict):
         raise ConfigError(f"recipe {path}: expected a mapping of key: value, got {type(recipe).__name__}")
     known = _field_types(dataclass_types)
-    for key, value in recipe.items():
+    for key, value in list(recipe.items()):
         if key == "env":
             if not isinstance(value, dict):
                 raise ConfigError(f"recipe {path}: 'env' must be a mapping of VARIABLE: value")
@@ -148,10 +223,10 @@ def load_recipe(path: str, dataclass_types) -> dict:
             hint = f" Did you mean {', '.join(repr(name) for name in close)}?" if close else ""
             raise ConfigError(f"recipe {path}: unknown key '{key}'.{hint} Run with --help to list the keys.")
         annotation, _ = known[key]
+        value = recipe[key] = _recipe_value(value, annotation)
         if not _matches_type(value, annotation):
-            raise ConfigError(
-                f"recipe {path}: key '{key}' expects {_describe(annotation)}, got {type(value).__name__} {value!r}"
-            )
+            raise ConfigError(f"recipe {path}: key '{key}' expects {_describe(annotation)}, got "
+                              f"{type(value).__name__} {value!r}{_type_hint(value, annotation)}")
     return recipe
 
 
@@ -164,6 +239,9 @@ def parse_args(dataclass_types, argv: list[str] | None = None, prog: str | None 
     # flag whose value fills them all.
     parser = TrlParser(dataclass_types, prog=prog, description=description, conflict_handler="resolve")
     parser.add_argument("--config", default=None, help="YAML recipe; command-line flags override its values.")
+    for action in parser._actions:  # help texts are plain prose: a literal '%' must not be read as a format
+        if action.help and "%" in action.help and "%(" not in action.help:
+            action.help = action.help.replace("%", "%%")
     if "--config" in args:
         index = args.index("--config")
         if index + 1 >= len(args):
@@ -178,8 +256,38 @@ def parse_args(dataclass_types, argv: list[str] | None = None, prog: str | None 
     instances = []
     for dataclass_type in dataclass_types:
         names = {item.name for item in dataclasses.fields(dataclass_type) if item.init}
-        instances.append(dataclass_type(**{name: value for name, value in namespace.items() if name in names}))
+        values = {name: value for name, value in namespace.items() if name in names}
+        instances.append(_build(dataclass_type, values, prog))
+    for instance in instances:
+        if _is_training_arguments(instance):
+            check_training_ranges(instance)
+        _move_hub_token(instance)
     return tuple(instances)
+
+
+def _build(dataclass_type, values: dict, prog: str | None):
+    try:
+        return dataclass_type(**values)
+    except ConfigError:
+        raise
+    except ValueError as error:  # TrainingArguments/TRL configs check combinations in __post_init__
+        where = f"{prog}: " if prog else ""
+        raise ConfigError(f"{where}{error} (from {dataclass_type.__name__}'s checks of the settings)") from None
+
+
+def _is_training_arguments(instance) -> bool:
+    from transformers import TrainingArguments
+
+    return isinstance(instance, TrainingArguments)
+
+
+def _move_hub_token(instance) -> None:
+    """Keep the hub token out of the arguments: the HF Trainer pickles its TrainingArguments into training_args.bin in
+    every checkpoint and adapter folder. huggingface_hub reads HF_TOKEN from the environment for uploads instead."""
+    token = getattr(instance, "hub_token", None)
+    if token:
+        os.environ["HF_TOKEN"] = token
+        instance.hub_token = None
 
 
 def to_plain_dict(instance) -> dict:

@@ -39,6 +39,20 @@ class DataError(ValueError):
     number for JSONL, 1-based index otherwise), the field, and what was expected."""
 
 
+class Record(dict):
+    """A normalised record that remembers where it was read (`where`: "data.jsonl line 4", "data.json record 2"),
+    so checks made after loading (check_lengths) name the same place as the loaders' own errors. It is a dict and
+    compares equal to one; to_dataset writes plain rows, so `where` never reaches a dataset."""
+
+    def __init__(self, fields: Mapping, where: str):
+        super().__init__(fields)
+        self.where = where
+
+
+def _load(normalise, source: str, split: str | None) -> list[Record]:
+    return [Record(normalise(record, where), where) for where, record in _read_located(source, split)]
+
+
 def _fail(where: str, field: str, problem: str) -> DataError:
     return DataError(f"{where}, field '{field}': {problem}")
 
@@ -102,27 +116,86 @@ def _read_file(path: str, split: str | None) -> Located:
     return reader(path, split)
 
 
+# Files are opened with errors="surrogateescape": every byte that is not valid UTF-8 becomes one lone surrogate
+# U+DC80..U+DCFF (which valid UTF-8 never decodes to), so a bad byte can be reported by line and column.
+_BAD_BYTE = re.compile("[\udc80-\udcff]")
+
+
+def _open_text(path: str):
+    # utf-8-sig: a byte-order mark some editors write at the start of a file is skipped, not a JSON error.
+    return open(path, encoding="utf-8-sig", errors="surrogateescape")
+
+
+def _line_and_column(text: str, index: int) -> tuple[int, int]:
+    """1-based line and column (in characters) of text[index]."""
+    line_start = text.rfind("\n", 0, index) + 1
+    return text.count("\n", 0, index) + 1, index - line_start + 1
+
+
+def _not_utf8(path: str, text: str, match: re.Match, line: int | None = None) -> DataError:
+    """`text` is the whole file, or (with `line` given) the one line of a JSONL file that holds the bad byte."""
+    line_in_text, column = _line_and_column(text, match.start())
+    byte = ord(match.group()) - 0xDC00
+    return DataError(f"{path} line {line or line_in_text}: not valid UTF-8 (byte 0x{byte:02x} at column {column}); "
+                     "the file must be UTF-8 encoded (convert it, e.g. iconv -f <its encoding> -t UTF-8)")
+
+
+def _incomplete(text: str, error: json.JSONDecodeError, place: str, one_line: bool, hint: str) -> DataError | None:
+    """The message for JSON text that ends before its value is complete (a cut-off line or file), or None if it goes
+    wrong part-way through: then the decoder's own position is right. `place` names the text ("data.jsonl line 4");
+    `one_line`: the text is one JSONL line, so positions are columns within it."""
+    content = text.rstrip()
+    unterminated = error.msg.startswith("Unterminated string")
+    if error.pos < len(content) and not unterminated:
+        return None
+
+    def position(line: int, column: int) -> str:
+        return f"column {column}" if one_line else f"line {line} column {column}"
+
+    last = position(*_line_and_column(content, len(content) - 1))  # the last character that is there
+    detail = f"; the string opened at {position(error.lineno, error.colno)} is never closed" if unterminated else ""
+    ends = (f"the line ends after {last}, before the record" if one_line
+            else f"the file ends after {last}, before the JSON")
+    return DataError(f"{place}: not valid JSON: {ends} is complete{detail} ({hint})")
+
+
 def _read_jsonl(path: str, split: str | None) -> Located:
     located = []
-    with open(path, encoding="utf-8") as handle:
+    with _open_text(path) as handle:
         for line_number, line in enumerate(handle, start=1):
             if not line.strip():
                 continue
             where = f"{path} line {line_number}"
+            bad_byte = _BAD_BYTE.search(line)
+            if bad_byte:
+                raise _not_utf8(path, line, bad_byte, line=line_number)
+            line = line.rstrip("\r\n")  # else an unclosed string is reported as a control character at the newline
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as error:
-                raise DataError(f"{where}: not valid JSON ({error.msg} at column {error.colno})") from None
+                last_line = not any(rest.strip() for rest in handle)
+                hint = ("truncated file?" if last_line
+                        else "is a record split across lines? JSONL needs each record complete on one line")
+                raise (_incomplete(line, error, where, True, hint)
+                       or DataError(f"{where}: not valid JSON ({error.msg} at column {error.colno})")) from None
             located.append((where, record))
     return located
 
 
 def _read_json(path: str, split: str | None) -> Located:
-    with open(path, encoding="utf-8") as handle:
-        try:
-            data = json.load(handle)
-        except json.JSONDecodeError as error:
-            raise DataError(f"{path} line {error.lineno}: not valid JSON ({error.msg})") from None
+    with _open_text(path) as handle:
+        text = handle.read()
+    if not text.strip():
+        raise DataError(f"{path}: no records found (the file is empty)")
+    bad_byte = _BAD_BYTE.search(text)
+    if bad_byte:
+        raise _not_utf8(path, text, bad_byte)
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as error:
+        where = f"{path} line {error.lineno}"
+        raise (_incomplete(text, error, path, False, "truncated file?")
+               or DataError(f"{where}: not valid JSON ({error.msg} at column {error.colno})")) from None
     if isinstance(data, dict):  # records under the split's key or 'data'
         key = next((key for key in (split or "train", "data") if isinstance(data.get(key), list)), None)
         if key is None:
@@ -247,8 +320,8 @@ def _with_system(system: Any, messages: list[dict], where: str) -> list[dict]:
     return [{"role": "system", "content": system}] + messages
 
 
-def load_sft(source: str, split: str | None = None) -> list[dict]:
-    return [normalise_sft_record(record, where) for where, record in _read_located(source, split)]
+def load_sft(source: str, split: str | None = None) -> list[Record]:
+    return _load(normalise_sft_record, source, split)
 
 
 # --------------------------------------------------------------------------- preferences
@@ -355,8 +428,8 @@ def _preference_extras(fields: dict, where: str) -> dict:
     return extras
 
 
-def load_preferences(source: str, split: str | None = None) -> list[dict]:
-    return [normalise_preference_record(record, where) for where, record in _read_located(source, split)]
+def load_preferences(source: str, split: str | None = None) -> list[Record]:
+    return _load(normalise_preference_record, source, split)
 
 
 # --------------------------------------------------------------------------- prompts
@@ -381,8 +454,8 @@ def normalise_prompt_record(record: Any, where: str) -> dict:
     return {"prompt": messages, **extras}
 
 
-def load_prompts(source: str, split: str | None = None) -> list[dict]:
-    return [normalise_prompt_record(record, where) for where, record in _read_located(source, split)]
+def load_prompts(source: str, split: str | None = None) -> list[Record]:
+    return _load(normalise_prompt_record, source, split)
 
 
 # --------------------------------------------------------------------------- lengths and datasets
@@ -413,7 +486,8 @@ def _sequences(record: dict, kind: str) -> tuple[list[dict], list[tuple[str, lis
 
 def check_lengths(records: list[dict], tokenizer: Any, max_length: int, source: str, kind: str,
                   policy: str = "error") -> list[dict]:
-    """Check every record fits in max_length tokens once rendered with the chat template.
+    """Check every record fits in max_length tokens once rendered with the chat template. Errors name a record by
+    where it was read (`Record.where`, as the load_* functions return), else as "<source> record <index>".
 
     policy "error": raise on the first over-long record; "drop": return only the records that
     fit; "truncate": keep everything (the trainer truncates) but raise if a prompt alone
@@ -425,7 +499,7 @@ def check_lengths(records: list[dict], tokenizer: Any, max_length: int, source: 
     kind = _KINDS[kind]
     kept = []
     for index, record in enumerate(records, start=1):
-        where = f"{source} record {index}"
+        where = getattr(record, "where", None) or f"{source} record {index}"
         prompt, sequences = _sequences(record, kind)
         if policy == "truncate":
             length = _token_count(tokenizer, prompt, add_generation_prompt=True) if prompt else 0

@@ -6,6 +6,7 @@ import pytest
 
 from rlhf.data import (
     DataError,
+    Record,
     check_lengths,
     hh_rlhf_to_messages,
     load_preferences,
@@ -74,6 +75,66 @@ def test_json_list_and_keyed_object(tmp_path):
         read_records(str(path))
     path.write_text(json.dumps([{"a": 1}, 7]))
     with pytest.raises(DataError, match=r"x\.json record 2: expected a JSON object, got int"):
+        read_records(str(path))
+
+
+def test_jsonl_not_utf8_names_file_line_and_column(tmp_path):
+    path = tmp_path / "latin1.jsonl"
+    path.write_bytes(b'{"prompt": "a"}\n\n{"prompt": "caf\xe9"}\n')
+    with pytest.raises(DataError, match=r"latin1\.jsonl line 3: not valid UTF-8 \(byte 0xe9 at column 16\); "
+                                        r"the file must be UTF-8 encoded"):
+        read_records(str(path))
+
+
+def test_json_not_utf8_line_from_byte_offset(tmp_path):
+    path = tmp_path / "latin1.json"
+    path.write_bytes('[\n  {"prompt": "naïve"},\n  {"prompt": "caf'.encode() + b'\xe9"}\n]')
+    with pytest.raises(DataError, match=r"latin1\.json line 3: not valid UTF-8 \(byte 0xe9 at column 18\)"):
+        read_records(str(path))
+
+
+def test_utf8_byte_order_mark_is_accepted(tmp_path):
+    path = tmp_path / "bom.jsonl"
+    path.write_bytes(b'\xef\xbb\xbf{"a": 1}\n{"a": "\xc3\xa9"}\n')
+    assert read_records(str(path)) == [{"a": 1}, {"a": "é"}]
+
+
+@pytest.mark.parametrize(
+    ("last_line", "pattern"),
+    [
+        ('{"prompt": "abc', r"cut\.jsonl line 3: not valid JSON: the line ends after column 15, before the record "
+                            r"is complete; the string opened at column 12 is never closed \(truncated file\?\)"),
+        ('{"prompt": "abc"\n', r"cut\.jsonl line 3: not valid JSON: the line ends after column 16, before the "
+                               r"record is complete \(truncated file\?\)"),
+        ('{"prompt": ["a", \r\n', r"cut\.jsonl line 3: not valid JSON: the line ends after column 16, before"),
+    ],
+)
+def test_jsonl_cut_off_last_line_points_at_its_end(tmp_path, last_line, pattern):
+    path = tmp_path / "cut.jsonl"
+    path.write_text('{"prompt": "a"}\n{"prompt": "b"}\n' + last_line + "\n\n", newline="")
+    with pytest.raises(DataError, match=pattern):
+        read_records(str(path))
+
+
+def test_jsonl_record_split_across_lines_is_not_called_truncation(tmp_path):
+    path = tmp_path / "split.jsonl"
+    path.write_text('{"prompt": "a",\n "completion": "b"}\n')
+    with pytest.raises(DataError, match=r"split\.jsonl line 1: not valid JSON: the line ends after column 15, "
+                                        r"before the record is complete \(is a record split across lines\?"):
+        read_records(str(path))
+    path.write_text('{"prompt": "a"} x\n')  # an error inside the line keeps the decoder's own column
+    with pytest.raises(DataError, match=r"split\.jsonl line 1: not valid JSON \(Extra data at column 17\)"):
+        read_records(str(path))
+
+
+def test_json_cut_off_file_points_at_its_end(tmp_path):
+    path = tmp_path / "cut.json"
+    path.write_text('[{"prompt": "a"},\n {"prompt": "b"')
+    with pytest.raises(DataError, match=r"cut\.json: not valid JSON: the file ends after line 2 column 15, before "
+                                        r"the JSON is complete \(truncated file\?\)"):
+        read_records(str(path))
+    path.write_text("  \n")
+    with pytest.raises(DataError, match=r"cut\.json: no records found \(the file is empty\)"):
         read_records(str(path))
 
 
@@ -377,3 +438,32 @@ def test_check_lengths_sft_and_prompt_kinds(tokenizer):
         check_lengths(prompts, tokenizer, 3, "q", "prompt")
     with pytest.raises(ValueError, match="policy"):
         check_lengths(prompts, tokenizer, 3, "q", "prompt", policy="shrink")
+
+
+def test_check_lengths_names_the_line_a_loaded_record_came_from(tokenizer, tmp_path):
+    # Blank lines shift line numbers away from record indexes: the error must name the line, like the loader's own.
+    path = tmp_path / "prefs.jsonl"
+    path.write_text(json.dumps({"prompt": "w w w", "chosen": "c c", "rejected": "r r"}) + "\n\n\n"
+                    + json.dumps({"prompt": "w w w", "chosen": "c c", "rejected": "r r r r r r"}) + "\n")
+    pairs = load_preferences(str(path))
+    assert [pair.where for pair in pairs] == [f"{path} line 1", f"{path} line 4"]
+    with pytest.raises(DataError, match=r"prefs\.jsonl line 4, field 'rejected': 11 tokens, longer than max_length 10"):
+        check_lengths(pairs, tokenizer, 10, str(path), "preference")
+    with pytest.raises(DataError, match=r"prefs\.jsonl line 1, field 'prompt': 5 tokens on its own"):
+        check_lengths(pairs, tokenizer, 5, str(path), "preference", policy="truncate")
+
+
+def test_check_lengths_names_json_records_and_survives_slicing(tokenizer, tmp_path):
+    path = tmp_path / "sft.json"
+    path.write_text(json.dumps([{"prompt": "a", "completion": "b"}, {"prompt": "a b", "completion": "c d e"}]))
+    records = load_sft(str(path))[1:]  # max_train_samples-style slicing keeps each record's origin
+    with pytest.raises(DataError, match=r"sft\.json record 2, field 'messages': 7 tokens"):
+        check_lengths(records, tokenizer, 6, str(path), "sft")
+
+
+def test_loaded_records_compare_as_dicts_and_leave_where_out_of_datasets(tmp_path):
+    path = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "q1"}])
+    (record,) = load_prompts(path)
+    assert isinstance(record, Record) and record.where == f"{path} line 1"
+    assert record == {"prompt": [user("q1")]}
+    assert to_dataset([record]).column_names == ["prompt"]
