@@ -36,19 +36,10 @@ def main(argv: list[str] | None = None) -> int:
     if command not in COMMANDS:
         print(f"rlhf: unknown command '{command}'\n\n{usage()}", file=sys.stderr)
         return 2
-    from rlhf.config import ConfigError
-    from rlhf.data import DataError
-    from rlhf.manifest import ManifestError
-    from rlhf.stage import StageError
+    from rlhf.processes import run_main
 
     module = importlib.import_module(COMMANDS[command][0])
-    try:
-        module.main(rest)
-    except (ConfigError, DataError, ManifestError, StageError) as error:
-        print(f"rlhf {command}: error: {error}", file=sys.stderr)
-        return 1
-    return 0
-
+    return run_main(module.main, command, rest)
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -11,19 +11,21 @@ loss_weights), with beta, label_smoothing and precompute_ref_log_probs.
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
 
 from trl import DPOConfig
 
 from rlhf.config import DataArgs, ModelArgs, parse_args
+from rlhf.processes import run_main
 from rlhf.stage import (
+    StageOutputArgs,
     finish_stage,
-    hold_output_lock,
     load_gold_prompts,
-    prepare_checkpoints,
-    require,
+    open_trl_output,
     stage_callbacks,
-    stage_config,
+    start_tokenizer,
+    start_trl_stage,
     training_metrics,
 )
 
@@ -33,7 +35,7 @@ REFERENCE = "parent policy (parent adapter merged into the base) with this stage
 
 
 @dataclass
-class DPOStageArgs:
+class DPOStageArgs(StageOutputArgs):
     save_merged: bool = field(default=True, metadata={"help": "Also write <output_dir>/merged (base + adapters merged)."})
 
 
@@ -43,9 +45,8 @@ ARG_TYPES = (ModelArgs, DataArgs, DPOConfig, DPOStageArgs)
 def main(argv: list[str] | None = None):
     # Config
     model_args, data_args, training_args, stage_args = parse_args(ARG_TYPES, argv, prog="rlhf dpo", description=__doc__)
-    require(data_args.train_data, "train_data", STAGE)
+    start_trl_stage(STAGE, training_args, train_data=data_args.train_data)
     output_dir = training_args.output_dir
-    lock = hold_output_lock(output_dir)  # noqa: F841  (held until the process ends)
 
     # Data
     from rlhf import data
@@ -56,15 +57,18 @@ def main(argv: list[str] | None = None):
         if data_args.eval_data else None
     )
     gold_prompts = load_gold_prompts(data_args)
+    tokenizer, base_model, parent = start_tokenizer(model_args, PARENT_STAGES)
+    if training_args.max_length:
+        train_pairs = data.check_lengths(train_pairs, tokenizer, training_args.max_length, data_args.train_data, "preference", data_args.length_policy)
+    config, lock, finished, resume_from = open_trl_output(  # noqa: F841 (lock held until the process ends)
+        STAGE, model_args, data_args, training_args, stage_args, parent)
+    if finished:
+        return finished
 
     # Model: one model; the reference is this model with the DPO adapter switched off.
     from rlhf.models import load_start_model, lora_config
 
     model, tokenizer, base_model, parent = load_start_model(model_args, PARENT_STAGES)
-    config = stage_config(model_args, data_args, training_args, stage_args, parent)
-    resume_from = prepare_checkpoints(training_args, output_dir, config)
-    if training_args.max_length:
-        train_pairs = data.check_lengths(train_pairs, tokenizer, training_args.max_length, data_args.train_data, "preference", data_args.length_policy)
 
     # Trainer
     from trl import DPOTrainer
@@ -97,4 +101,4 @@ def main(argv: list[str] | None = None):
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_main(main, STAGE))

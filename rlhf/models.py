@@ -1,7 +1,7 @@
 """The only place that loads models: base models, tokenizers, LoRA adapters, merges, and stage outputs.
 
-Safe by default: weights load as safetensors only, and modelling code shipped with a model runs only when the recipe
-sets trust_remote_code.
+Safe by default: weights load as safetensors only (models and LoRA adapters alike: a pickled adapter_model.bin is
+refused before peft sees it), and modelling code shipped with a model runs only when the recipe sets trust_remote_code.
 """
 
 from __future__ import annotations
@@ -31,6 +31,30 @@ def check_model_path(path: str) -> None:
         pickles = [file.name for file in folder.glob("*.bin")] + [file.name for file in folder.glob("*.pt")]
         detail = f" (found pickle weights {', '.join(pickles)}; convert them to safetensors)" if pickles else ""
         raise ConfigError(f"model {path}: no *.safetensors weights in that folder{detail}")
+
+
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
+NOT_ADAPTER_WEIGHTS = {"training_args.bin"}  # Trainer's pickled arguments, saved next to every adapter
+
+
+def check_adapter_folder(path: str) -> None:
+    """A LoRA adapter folder must hold adapter_model.safetensors. peft would otherwise fall back to unpickling
+    adapter_model.bin, so a pickled adapter is refused here, before peft is called."""
+    folder = Path(path)
+    if not folder.is_dir():
+        raise ConfigError(f"adapter {path}: folder not found")
+    if (folder / ADAPTER_WEIGHTS).is_file():
+        return
+    pickles = sorted(file.name for file in folder.iterdir()
+                     if file.suffix in PICKLE_SUFFIXES and file.name not in NOT_ADAPTER_WEIGHTS)
+    if pickles:
+        raise ConfigError(
+            f"adapter {path}: holds pickle weights ({', '.join(pickles)}) and no {ADAPTER_WEIGHTS}; only safetensors "
+            f"are loaded. Convert it once, in a trusted environment, with folder = that adapter folder: "
+            f"PeftModel.from_pretrained(base_model, folder).save_pretrained(folder, safe_serialization=True)"
+        )
+    raise ConfigError(f"adapter {path}: no adapter weights found (expected {ADAPTER_WEIGHTS} in that folder)")
 
 
 def load_tokenizer(path: str, trust_remote_code: bool = False, padding_side: str = "right"):
@@ -109,14 +133,17 @@ def load_stage_output(manifest: Manifest, model_args: ModelArgs, head: str | Non
     head = head or stage_head(manifest)
     if manifest.merged_path and Path(manifest.path(manifest.merged_path)).is_dir():
         return load_pretrained(manifest.path(manifest.merged_path), model_args, head)
+    adapter_dir = manifest.path(manifest.adapter_path) if manifest.adapter_path else None
+    if adapter_dir:
+        check_adapter_folder(adapter_dir)  # before loading anything, and before peft would unpickle a .bin adapter
     if manifest.parent:
         model = load_stage_output(read_manifest(manifest.parent), model_args, head)  # parent paths are absolute
     else:
         model = load_pretrained(manifest.base_model, model_args, head)
-    if manifest.adapter_path:
+    if adapter_dir:
         from peft import PeftModel
 
-        model = PeftModel.from_pretrained(model, manifest.path(manifest.adapter_path)).merge_and_unload()
+        model = PeftModel.from_pretrained(model, adapter_dir).merge_and_unload()
     return model
 
 
@@ -185,9 +212,8 @@ def read_adapter(adapter_dir: str):
     from peft import LoraConfig
     from safetensors.torch import load_file
 
-    weights_path = Path(adapter_dir) / "adapter_model.safetensors"
-    if not weights_path.is_file():
-        raise ConfigError(f"adapter {adapter_dir}: no adapter_model.safetensors")
+    check_adapter_folder(adapter_dir)
+    weights_path = Path(adapter_dir) / ADAPTER_WEIGHTS
     return LoraConfig.from_pretrained(adapter_dir), load_file(str(weights_path))
 
 

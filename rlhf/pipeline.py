@@ -66,33 +66,87 @@ def stage_argv(stage: str, args: PipelineArgs, out: Path) -> list[str]:
     return argv + [str(item) for item in getattr(args, f"{stage}_args")]
 
 
-def expected_hash(stage: str, argv: list[str]) -> str:
-    """The config hash the stage will record, computed the way the stage computes it (without loading a model)."""
+def parsed_stage_args(stage: str, argv: list[str]) -> tuple:
+    """The stage's own argument dataclasses, filled from its recipe and flags exactly as the stage will fill them."""
     import importlib
 
+    module = importlib.import_module(STAGE_MODULES[stage] + (".trainer" if stage == "ppo" else ""))
+    return module.PARENT_STAGES, parse_args(module.ARG_TYPES, argv)
+
+
+def expected_hash(stage: str, argv: list[str]) -> str:
+    """The config hash the stage will record, computed the way the stage computes it (without loading a model)."""
     from rlhf.manifest import config_hash, resolve_parent
     from rlhf.stage import stage_config
 
-    module = importlib.import_module(STAGE_MODULES[stage] + (".trainer" if stage == "ppo" else ""))
-    model_args, data_args, training_args, *rest = parse_args(module.ARG_TYPES, argv)
-    parent = resolve_parent(model_args.init_from, module.PARENT_STAGES) if model_args.init_from else None
+    parent_stages, (model_args, data_args, training_args, *rest) = parsed_stage_args(stage, argv)
+    parent = resolve_parent(model_args.init_from, parent_stages) if model_args.init_from else None
     return config_hash(stage_config(model_args, data_args, training_args, rest[0] if rest else None, parent))
 
 
-def run_stage(stage: str, argv: list[str], accelerate_config: str) -> None:
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", accelerate_config,
-               "-m", STAGE_MODULES[stage], *argv]
-    print(f"[rlhf] pipeline: {stage}: {' '.join(command[2:])}", flush=True)
+def recipe_gold_reward(args: PipelineArgs, out: Path, stages: list[str]) -> str | None:
+    """The gold reward that the first of `stages` naming one names in its recipe (and extra flags). The user named it
+    in the pipeline's recipes, so the policy evaluation may import it."""
+    for stage in stages:
+        _, (_model_args, data_args, *_rest) = parsed_stage_args(stage, stage_argv(stage, args, out))
+        if data_args.gold_reward:
+            return data_args.gold_reward
+    return None
+
+
+def run_stage(stage: str, argv: list[str], accelerate_config: str, stage_dir: Path) -> None:
+    """Launch one stage and wait for it. The stage runs in its own process group, which a signal to the pipeline
+    (Ctrl-C, SIGTERM, SIGHUP) takes down with it; its processes also watch the pipeline's pid and stop when it is
+    gone, even after a SIGKILL. So a killed pipeline leaves nothing training, and a rerun resumes the stage."""
     import os
+    import signal
 
     import torch
 
-    # Without a GPU, accelerate's multi-process launcher runs CPU processes (gloo) only when told so.
-    env = {**os.environ, **({} if torch.cuda.is_available() else {"ACCELERATE_USE_CPU": "1"})}
-    result = subprocess.run(command, env=env)
-    if result.returncode != 0:
-        raise ConfigError(f"pipeline: stage '{stage}' failed (exit {result.returncode}); its output is above. "
-                          f"Fix it and rerun: finished stages are skipped and this one resumes from its checkpoints.")
+    from rlhf.processes import ERROR_FILE_ENV, PIPELINE_PID_ENV
+
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--quiet", "--config_file", accelerate_config,
+               "-m", STAGE_MODULES[stage], *argv]
+    print(f"[rlhf] pipeline: {stage}: {' '.join(command[2:])}", flush=True)
+    error_file = stage_dir / ".error"
+    error_file.unlink(missing_ok=True)
+    env = {**os.environ, PIPELINE_PID_ENV: str(os.getpid()), ERROR_FILE_ENV: str(error_file),
+           # Without a GPU, accelerate's multi-process launcher runs CPU processes (gloo) only when told so.
+           **({} if torch.cuda.is_available() else {"ACCELERATE_USE_CPU": "1"})}
+    process = subprocess.Popen(command, env=env, start_new_session=True)
+
+    def stop(signum, frame):
+        print(f"[rlhf] pipeline: {signal.Signals(signum).name}: stopping stage '{stage}'", file=sys.stderr, flush=True)
+        stop_process_group(process)
+        raise SystemExit(128 + signum)
+
+    previous = {signum: signal.signal(signum, stop) for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    try:
+        returncode = process.wait()
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+    if returncode != 0:
+        reason = error_file.read_text().strip() if error_file.is_file() else f"exit {returncode}; its output is above"
+        raise ConfigError(f"stage '{stage}' failed: {reason}. Fix it and rerun: finished stages are skipped and this "
+                          "one resumes from its checkpoints.")
+
+
+def stop_process_group(process, grace_seconds: float = 10.0) -> None:
+    """SIGTERM a launched stage's process group, then SIGKILL what is left after grace_seconds."""
+    import os
+    import signal
+
+    for signum in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(process.pid, signum)
+        except ProcessLookupError:
+            return
+        try:
+            process.wait(timeout=grace_seconds)
+            return
+        except subprocess.TimeoutExpired:
+            continue
 
 
 def main(argv: list[str] | None = None) -> Path:
@@ -134,16 +188,19 @@ def main(argv: list[str] | None = None) -> Path:
         stage_dir.mkdir(parents=True, exist_ok=True)
         (stage_dir / HASH_FILE).write_text(wanted)
         started = time.perf_counter()
-        run_stage(stage, argv, args.accelerate_config)
+        run_stage(stage, argv, args.accelerate_config, stage_dir)
         timings[stage] = {"seconds": time.perf_counter() - started, "skipped": False, "config_hash": wanted}
         timings_path.write_text(json.dumps(timings, indent=2))
 
     from rlhf.report import write_pipeline_report
 
-    report = write_pipeline_report(args, out, timings)
+    gold_reward = recipe_gold_reward(args, out, [stage for stage in ("dpo", "ppo") if stage in args.stages])
+    report = write_pipeline_report(args, out, timings, gold_reward)
     print(f"[rlhf] pipeline done. Report: {report}")
     return report
 
 
 if __name__ == "__main__":
-    main()
+    from rlhf.processes import run_main
+
+    sys.exit(run_main(main, "pipeline"))

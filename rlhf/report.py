@@ -71,7 +71,9 @@ def plot_ppo_curves(metrics_path: Path, path: Path) -> None:
     plt.close(figure)
 
 
-def write_pipeline_report(args, out: Path, timings: dict) -> Path:
+def write_pipeline_report(args, out: Path, timings: dict, gold_reward: str | None = None) -> Path:
+    """The pipeline's report. `gold_reward` is the one the pipeline's own stage recipes name (never read from the
+    stage folders' manifests, which eval-policy does not trust)."""
     from rlhf.evaluate import policy as policy_eval
     from rlhf.evaluate import rm as rm_eval
 
@@ -97,6 +99,8 @@ def write_pipeline_report(args, out: Path, timings: dict) -> Path:
                 "--max_samples", str(args.eval_samples), "--out", str(out / "eval_policy")]
         if "reward" in manifests:
             argv += ["--reward_model", str(out / "reward")]
+        if gold_reward:
+            argv += ["--gold_reward", gold_reward]
         policy_report = policy_eval.main(argv)
         lines += ["", "## Policies on held-out prompts", "", f"Reference: SFT. {policy_report['n_prompts']} prompts.", "",
                   "| policy | gold reward | win-rate vs SFT (RM) | win-rate vs SFT (gold) | KL to SFT | EOS rate |",

@@ -11,18 +11,20 @@ reward mean and std over the training responses, which PPO uses to normalise rew
 from __future__ import annotations
 
 import statistics
+import sys
 from dataclasses import dataclass, field
 
 from trl import RewardConfig
 
 from rlhf.config import DataArgs, ModelArgs, parse_args
+from rlhf.processes import run_main
 from rlhf.stage import (
+    StageOutputArgs,
     finish_stage,
-    hold_output_lock,
-    prepare_checkpoints,
-    require,
+    open_trl_output,
     stage_callbacks,
-    stage_config,
+    start_tokenizer,
+    start_trl_stage,
     training_metrics,
 )
 
@@ -31,7 +33,7 @@ PARENT_STAGES = ("sft", "reward")
 
 
 @dataclass
-class RewardStageArgs:
+class RewardStageArgs(StageOutputArgs):
     save_merged: bool = field(default=True, metadata={"help": "Also write <output_dir>/merged (base + adapters merged)."})
     stats_samples: int = field(
         default=256, metadata={"help": "Training pairs scored after training for the reward mean/std that PPO "
@@ -46,9 +48,8 @@ ARG_TYPES = (ModelArgs, DataArgs, RewardConfig, RewardStageArgs)
 def main(argv: list[str] | None = None):
     # Config
     model_args, data_args, training_args, stage_args = parse_args(ARG_TYPES, argv, prog="rlhf reward", description=__doc__)
-    require(data_args.train_data, "train_data", STAGE)
+    start_trl_stage(STAGE, training_args, train_data=data_args.train_data)
     output_dir = training_args.output_dir
-    lock = hold_output_lock(output_dir)  # noqa: F841  (held until the process ends)
 
     # Data
     from rlhf import data
@@ -58,13 +59,7 @@ def main(argv: list[str] | None = None):
         data.load_preferences(data_args.eval_data, data_args.eval_split)[: data_args.max_eval_samples]
         if data_args.eval_data else None
     )
-
-    # Model: the parent's body with a fresh one-output score head.
-    from rlhf.models import REWARD, load_start_model, lora_config
-
-    model, tokenizer, base_model, parent = load_start_model(model_args, PARENT_STAGES, head=REWARD)
-    config = stage_config(model_args, data_args, training_args, stage_args, parent)
-    resume_from = prepare_checkpoints(training_args, output_dir, config)
+    tokenizer, base_model, parent = start_tokenizer(model_args, PARENT_STAGES)
     if training_args.max_length:
         # TRL's RewardTrainer does not truncate: it leaves out pairs longer than max_length. Do that here, where it
         # is counted and said (and an empty result is an error naming the file), rather than silently in the trainer.
@@ -75,6 +70,15 @@ def main(argv: list[str] | None = None):
                   f"are longer than max_length {training_args.max_length} tokens and are left out (reward models "
                   "are not trained on truncated responses)", flush=True)
         train_pairs = kept
+    config, lock, finished, resume_from = open_trl_output(  # noqa: F841 (lock held until the process ends)
+        STAGE, model_args, data_args, training_args, stage_args, parent)
+    if finished:
+        return finished
+
+    # Model: the parent's body with a fresh one-output score head.
+    from rlhf.models import REWARD, load_start_model, lora_config
+
+    model, tokenizer, base_model, parent = load_start_model(model_args, PARENT_STAGES, head=REWARD)
 
     # Trainer
     from trl import RewardTrainer
@@ -118,4 +122,4 @@ def main(argv: list[str] | None = None):
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_main(main, STAGE))

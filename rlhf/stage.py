@@ -9,13 +9,15 @@ import logging
 import math
 import os
 import shutil
+import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from rlhf.config import ConfigError, DataArgs, ModelArgs, to_plain_dict
-from rlhf.manifest import Manifest, write_manifest
+from rlhf.manifest import Manifest, ManifestError, write_manifest
 
 logger = logging.getLogger(__name__)
 
@@ -28,19 +30,128 @@ def is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
+@dataclass
+class StageOutputArgs:
+    """What every stage does with an output folder that already holds a finished run."""
+
+    overwrite: bool = field(
+        default=False, metadata={"help": "Replace a finished run in output_dir. Without it, a rerun with the same "
+                                 "configuration says it is done and changes nothing, and one with another "
+                                 "configuration is refused."})
+
+
+# Keys that say how a run is carried out, not what it trains: left out of the configuration hash.
+RUN_ONLY_KEYS = ("output_dir", "overwrite", "ddp_timeout", "logging_dir", "report_to")
+
+LOCK_NAME = ".lock"
+
+
 def hold_output_lock(output_dir: str):
-    """Refuse a second run on the same output folder while this one lives. The OS drops the lock if we die."""
-    Path(output_dir).mkdir(parents=True, exist_ok=True)
-    lock_path = Path(output_dir) / f".lock.rank{os.environ.get('RANK', '0')}"
-    handle = open(lock_path, "w")
-    try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        handle.close()
-        raise StageError(f"{output_dir} is in use by another run (lock {lock_path}); wait for it or pick another output_dir") from None
-    handle.write(str(os.getpid()))
-    handle.flush()
+    """Refuse a second run on the same output folder while this one lives. One lock per folder, held by rank 0 and
+    its verdict shared with every rank, so either all processes of a launch go on or none does. The OS drops the
+    lock if the process dies. Also checks the folder can be written before anything trains."""
+    from rlhf.processes import ProcessWatch
+
+    error, handle = None, None
+    if is_main_process():
+        error = check_writable(Path(output_dir))
+        if error is None:
+            lock_path = Path(output_dir) / LOCK_NAME
+            handle = open(lock_path, "w")
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                handle.write(str(os.getpid()))
+                handle.flush()
+            except BlockingIOError:
+                handle.close()
+                handle = None
+                error = (f"{output_dir} is in use by another run (lock {lock_path}); wait for it or pick another "
+                         "output_dir")
+    error = _shared_verdict(error)
+    if error:
+        raise StageError(error)
+    ProcessWatch.current().beat_into(output_dir)
     return handle  # keep a reference: the lock lives as long as this file object
+
+
+def check_writable(output_dir: Path) -> str | None:
+    """Why output_dir (or a folder in it a stage writes into) cannot be written, or None. Tried, not inferred from
+    permission bits, which root and read-only mounts do not follow."""
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        return f"output_dir {output_dir}: cannot create it ({error.strerror}); pick a folder you can write to"
+    for folder in [output_dir] + [output_dir / name for name in ("adapter", "merged", "checkpoints")]:
+        if not folder.exists():
+            continue
+        try:
+            with tempfile.TemporaryFile(dir=folder):
+                pass
+        except OSError as error:
+            return (f"output_dir: {folder} is not writable ({error.strerror}); fix its permissions or pick another "
+                    "output_dir, before anything is trained")
+    return None
+
+
+def _shared_verdict(error: str | None) -> str | None:
+    """Rank 0's verdict, on every rank."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return error
+    verdict = [error]
+    dist.broadcast_object_list(verdict, src=0)
+    return verdict[0]
+
+
+def _barrier() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def open_output(stage: str, output_dir: str, config: dict, overwrite: bool, extends=None):
+    """Lock output_dir and look at what it holds. Returns (lock, finished manifest or None): a finished run of the
+    same configuration is returned untouched (nothing to do); one of another configuration is refused unless
+    `overwrite`, which clears the folder first, or `extends(finished)` says this run continues it (PPO with more
+    steps), which retires its manifest until this run writes the new one."""
+    from rlhf.manifest import MANIFEST_NAME, config_hash, read_manifest
+
+    lock = hold_output_lock(output_dir)
+    output = Path(output_dir)
+    if not (output / MANIFEST_NAME).is_file():
+        return lock, None
+    wanted = config_hash(config)
+    if overwrite:
+        if is_main_process():
+            logger.warning("overwrite: removing the finished run in %s", output)
+            for path in output.iterdir():
+                if path.name not in (LOCK_NAME, ".heartbeat", ".pipeline_hash"):
+                    shutil.rmtree(path) if path.is_dir() else path.unlink()
+        _barrier()
+        return lock, None
+    try:
+        finished = read_manifest(output)
+    except ManifestError as error:
+        raise StageError(f"{output_dir}: {error}; pass --overwrite true to replace what is there") from None
+    if finished.stage == stage and extends is not None and extends(finished):
+        if is_main_process():
+            print(f"[rlhf] {stage}: continuing the finished run in {output_dir} (config {finished.config_hash})",
+                  flush=True)
+            (output / MANIFEST_NAME).unlink()
+        _barrier()
+        return lock, None
+    if finished.stage == stage and finished.config_hash == wanted:
+        if is_main_process():
+            print(f"[rlhf] {stage}: {output_dir} already holds this run (config {wanted}); nothing to do. "
+                  "Pass --overwrite true to train it again.", flush=True)
+        return lock, finished
+    raise StageError(
+        f"{output_dir} holds a finished '{finished.stage}' run of another configuration (config "
+        f"{finished.config_hash}, this run {wanted}); it is kept. Pass --overwrite true to replace it, or pick "
+        "another output_dir"
+    )
 
 
 def prepare_checkpoints(training_args, output_dir: str, config: dict) -> str | None:
@@ -170,6 +281,38 @@ def require(value, name: str, stage: str) -> None:
         raise ConfigError(f"{stage}: '{name}' is required (set it in the recipe or pass --{name})")
 
 
+def start_trl_stage(stage: str, training_args, **required) -> None:
+    """What a TRL-trained stage checks before it reads any data (parse_args has checked the numeric ranges): required
+    keys, and a launch whose processes can see each other (the TRL config already joined the process group, with its
+    ddp_timeout)."""
+    from rlhf.processes import start_processes
+
+    for name, value in required.items():
+        require(value, name, stage)
+    start_processes(training_args.ddp_timeout)
+
+
+def open_trl_output(stage: str, model_args: ModelArgs, data_args: DataArgs, training_args, stage_args,
+                    parent: Manifest | None):
+    """A TRL-trained stage's configuration and output folder: (config, lock, finished manifest or None, checkpoint
+    to resume from). See open_output."""
+    config = stage_config(model_args, data_args, training_args, stage_args, parent)
+    lock, finished = open_output(stage, training_args.output_dir, config, stage_args.overwrite)
+    resume_from = None if finished else prepare_checkpoints(training_args, training_args.output_dir, config)
+    return config, lock, finished, resume_from
+
+
+def start_tokenizer(model_args: ModelArgs, parent_stages: tuple[str, ...]):
+    """(tokenizer, base model path, parent manifest) of the model a stage starts from, without loading weights:
+    enough to check lengths and the configuration before any model loads."""
+    from rlhf.models import load_tokenizer, resolve_start, stage_tokenizer
+
+    base_path, parent = resolve_start(model_args, parent_stages)
+    if parent is not None:
+        return stage_tokenizer(parent, model_args), base_path, parent
+    return load_tokenizer(base_path, model_args.trust_remote_code), base_path, parent
+
+
 def finish_stage(trainer, stage: str, output_dir: str, model_args: ModelArgs, **details) -> Manifest | None:
     """Save a TRL trainer's model, then write the stage (see write_stage). Returns the manifest on the main process,
     None elsewhere."""
@@ -195,7 +338,9 @@ def stage_config(model_args: ModelArgs, data_args: DataArgs, training_args, stag
         **({"stage": to_plain_dict(stage_args)} if stage_args is not None else {}),
         "parent_config_hash": parent.config_hash if parent else None,
     }
-    config["training"].pop("output_dir", None)
+    for section in ("training", "stage"):
+        for key in RUN_ONLY_KEYS:
+            config.get(section, {}).pop(key, None)
     reward_model = getattr(training_args, "reward_model", None)
     if reward_model:
         config["reward_config_hash"] = read_manifest(reward_model).config_hash

@@ -1,11 +1,13 @@
-"""Model loading: pad != eos, safetensors only, clear errors for folders that are not models."""
+"""Model loading: pad != eos, safetensors only (models and adapters), clear errors for folders that are not models."""
 
 import pytest
 import torch
 
 from conftest import TINY_BASE
 from rlhf.config import ConfigError, ModelArgs
-from rlhf.models import check_model_path, load_causal_lm, load_tokenizer, lora_config, lora_merged
+from rlhf.models import (
+    check_adapter_folder, check_model_path, load_causal_lm, load_tokenizer, lora_config, lora_merged,
+)
 
 
 def test_pad_equal_to_eos_gets_a_distinct_pad(tmp_path):
@@ -78,3 +80,40 @@ def test_lora_merged_runs_plain_weights_and_restores_the_base_exactly():
 
     with lora_merged(model.to(torch.bfloat16), "default") as merged:
         assert not merged  # bf16 would round the update away: generation keeps the LoRA branch
+
+
+def test_adapter_folder_must_hold_safetensors(tmp_path):
+    adapter = tmp_path / "adapter"
+    with pytest.raises(ConfigError, match="adapter .*adapter: folder not found"):
+        check_adapter_folder(str(adapter))
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text("{}")
+    (adapter / "training_args.bin").write_bytes(b"pickle")  # saved by the Trainer beside every adapter: not weights
+    with pytest.raises(ConfigError, match="no adapter weights found .expected adapter_model.safetensors"):
+        check_adapter_folder(str(adapter))
+    (adapter / "adapter_model.bin").write_bytes(b"pickle")
+    with pytest.raises(ConfigError) as error:
+        check_adapter_folder(str(adapter))
+    message = str(error.value)
+    assert f"adapter {adapter}: holds pickle weights (adapter_model.bin)" in message
+    assert "PeftModel.from_pretrained(base_model, folder).save_pretrained(folder, safe_serialization=True)" in message
+    (adapter / "adapter_model.safetensors").write_bytes(b"")
+    check_adapter_folder(str(adapter))  # safetensors present: accepted (peft then loads that file, not the .bin)
+
+
+def test_stage_with_pickled_adapter_is_refused_before_anything_loads(tmp_path, monkeypatch):
+    import peft
+
+    from rlhf import models
+    from rlhf.manifest import Manifest, read_manifest, write_manifest
+
+    (tmp_path / "adapter").mkdir()
+    (tmp_path / "adapter" / "adapter_config.json").write_text("{}")
+    (tmp_path / "adapter" / "adapter_model.bin").write_bytes(b"pickle")
+    write_manifest(Manifest(stage="sft", output_dir=str(tmp_path), base_model=TINY_BASE, adapter_path="adapter"))
+    calls = []
+    monkeypatch.setattr(models, "load_pretrained", lambda *args, **kwargs: calls.append("base model") or object())
+    monkeypatch.setattr(peft.PeftModel, "from_pretrained", lambda *args, **kwargs: calls.append("peft"))
+    with pytest.raises(ConfigError, match="holds pickle weights .adapter_model.bin.*Convert it once"):
+        models.load_stage_output(read_manifest(tmp_path), ModelArgs())
+    assert calls == []

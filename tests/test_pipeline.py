@@ -57,6 +57,18 @@ def test_bad_pipeline_recipes_fail_fast(tmp_path, changes, message):
         main(["--config", write_recipe(tmp_path, **changes)])
 
 
+def test_failing_stage_error_is_said_once_and_last(tmp_path, capfd):
+    from rlhf.cli import main as cli
+
+    recipe = write_recipe(tmp_path, sft_args=QUICK_SFT + ["--train_data", str(tmp_path / "missing.jsonl")])
+    assert cli(["pipeline", "--config", recipe]) == 1
+    error = capfd.readouterr().err
+    lines = [line for line in error.splitlines() if line.strip()]
+    assert "stage 'sft' failed" in lines[-1] and "missing.jsonl: file not found" in lines[-1]
+    assert error.count("missing.jsonl: file not found") == 1
+    assert "Traceback" not in error
+
+
 def quick_stage_args():
     """Every stage cut to a few steps: this checks the hand-offs and the launch, not what is learned."""
     quick = ["--max_steps", "2", "--save_steps", "1", "--gold_eval_prompts", "", "--eval_data", ""]

@@ -16,6 +16,7 @@ from rlhf.cli import main
 from rlhf.stage import COMPLETE_MARKER, complete_checkpoints, hold_output_lock
 
 SFT = ["sft", "--config", "recipes/tiny/sft.yaml"]
+PPO = ["ppo", "--config", "recipes/tiny/ppo.yaml", "--init_from", "nowhere/sft", "--reward_model", "nowhere/reward"]
 
 
 def bad_files(tmp_path):
@@ -28,6 +29,11 @@ def bad_files(tmp_path):
     (tmp_path / "noweights").mkdir()
     (tmp_path / "noweights" / "config.json").write_text("{}")
     (tmp_path / "unfinished").mkdir()
+    (tmp_path / "latin1.jsonl").write_bytes('{"messages": [{"role": "user", "content": "caf\u00e9"}]}\n'.encode("latin-1"))
+    (tmp_path / "cut.jsonl").write_text('{"prompt": "Write a short review of the lamp.", "chosen": "Gr')
+    (tmp_path / "badfloat.yaml").write_text("model_name_or_path: data/tiny-base\nlearning_rate: fast\n")
+    (tmp_path / "readonly").mkdir()
+    (tmp_path / "readonly" / "adapter").symlink_to("/proc/self")  # a folder nobody can write into, root included
 
 
 CASES = [
@@ -47,6 +53,21 @@ CASES = [
     (["ppo", "--config", "recipes/tiny/ppo.yaml", "--rollout_batch_size", "10", "--mini_batch_size", "4"],
      "must be a multiple of mini_batch_size"),
     (["pipeline", "--config", "recipes/tiny/pipeline.yaml", "--stages", "sft", "grpo"], "unknown stage(s) grpo"),
+    (SFT + ["--train_data", "{tmp}/latin1.jsonl"], "latin1.jsonl line 1: not valid UTF-8"),
+    (["reward", "--config", "recipes/tiny/reward.yaml", "--train_data", "{tmp}/cut.jsonl", "--init_from", "x"],
+     "cut.jsonl line 1: not valid JSON: the line ends after column"),
+    (["sft", "--config", "{tmp}/badfloat.yaml"], "key 'learning_rate' expects float, got str"),
+    (SFT + ["--per_device_train_batch_size", "0"], "per_device_train_batch_size: expected an integer >= 1, got 0"),
+    (SFT + ["--lora_r", "0"], "lora_r: expected an integer >= 1, got 0"),
+    (SFT + ["--output_dir", "/proc/rlhf-out"], "output_dir /proc/rlhf-out: cannot create it"),
+    (SFT + ["--output_dir", "{tmp}/readonly"], "{tmp}/readonly/adapter is not writable"),
+    (PPO + ["--mini_batch_size", "0"], "mini_batch_size: expected an integer >= 1, got 0"),
+    (PPO + ["--gradient_accumulation_steps", "0"], "gradient_accumulation_steps: expected an integer >= 1, got 0"),
+    (PPO + ["--rollout_batch_size", "-4"], "rollout_batch_size: expected an integer >= 1, got -4"),
+    (PPO + ["--mini_batch_size", "4", "--gradient_accumulation_steps", "3"],
+     "mini_batch_size (4) must be a multiple of gradient_accumulation_steps (3)"),
+    (PPO + ["--temperature", "0"], "temperature: expected a number > 0, got 0.0"),
+    (PPO + ["--eval_data", "data/tiny/prompts_test.jsonl"], "eval_data is not used by PPO"),
     (["tune", "--config", "x.yaml"], None),  # unknown command: usage, exit 2
 ]
 
@@ -54,7 +75,8 @@ CASES = [
 @pytest.mark.parametrize("argv, message", CASES, ids=[" ".join(case[0][:1] + case[0][-2:]) for case in CASES])
 def test_malformed_input_fails_fast_with_a_clear_message(tmp_path, capsys, argv, message):
     bad_files(tmp_path)
-    argv = [arg.replace("{tmp}", str(tmp_path)) for arg in argv] + ["--output_dir", str(tmp_path / "out")]
+    argv = ["--output_dir", str(tmp_path / "out")] + [arg.replace("{tmp}", str(tmp_path)) for arg in argv]
+    argv = argv[2:3] + argv[:2] + argv[3:]  # the command first; a later --output_dir overrides this one
     code = main(argv)
     error = capsys.readouterr().err
     if message is None:
@@ -62,7 +84,8 @@ def test_malformed_input_fails_fast_with_a_clear_message(tmp_path, capsys, argv,
         return
     assert code == 1, error
     assert message.replace("{tmp}", str(tmp_path)) in error
-    assert not (tmp_path / "out" / "checkpoints").exists()  # failed before any training
+    assert "Traceback" not in error
+    assert not (tmp_path / "out").exists()  # failed before anything was written, not even a lock file
 
 
 def test_wrong_parent_stage_is_refused(reward_run, capsys, tmp_path):

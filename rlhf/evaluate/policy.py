@@ -1,13 +1,15 @@
 """Policy evaluation: sample responses to held-out prompts and score them.
 
-    rlhf eval-policy --policy runs/tiny/dpo --prompts data/tiny/prompts_test.jsonl
-    rlhf eval-policy --policy runs/tiny/dpo runs/tiny/ppo --reference runs/tiny/sft --reward-model runs/tiny/reward \
-        --prompts data/tiny/prompts_test.jsonl --out runs/tiny/eval_policy
+    rlhf eval-policy --policy runs/tiny/dpo --prompts data/tiny/prompts_test.jsonl \
+        --gold_reward rlhf.tiny.task:gold_reward
+    rlhf eval-policy --policy runs/tiny/dpo runs/tiny/ppo --reference runs/tiny/sft --reward_model runs/tiny/reward \
+        --prompts data/tiny/prompts_test.jsonl --out runs/tiny/eval_policy --gold_reward rlhf.tiny.task:gold_reward
 
 For each policy: mean gold reward (when the task has one) with a 95% CI, win-rate against the reference judged by
 the reward model and by the gold reward, KL(policy || reference) on the policy's own samples, response length and
-EOS rate, and samples side by side. The gold-reward check also runs at the end of every policy stage, so each
-manifest records how good its policy really is.
+EOS rate, and samples side by side. The gold reward is one you name with --gold_reward: importing it runs its code, so
+the one a policy's manifest names is only reported, and run only with --trust_manifest_gold_reward true. The
+gold-reward check also runs at the end of every policy stage, so each manifest records how good its policy really is.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import importlib
 import json
 import math
 import random
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -28,14 +31,41 @@ from rlhf.generation import encode_prompts, generate, response_logprobs
 
 
 def load_gold_reward(spec: str) -> Callable[[str, str], float]:
-    """Import a gold reward given as 'package.module:function'."""
+    """Import a gold reward given as 'package.module:function'. Importing runs the module's code: call this only with
+    a spec the user named (command line or recipe), never one read from a stage folder (see pick_gold_reward)."""
+    if not isinstance(spec, str):
+        raise ConfigError(f"gold_reward {spec!r}: expected a string 'package.module:function'")
     module_name, _, function_name = spec.partition(":")
     if not module_name or not function_name:
         raise ConfigError(f"gold_reward {spec!r}: expected 'package.module:function'")
     try:
-        return getattr(importlib.import_module(module_name), function_name)
+        function = getattr(importlib.import_module(module_name), function_name)
     except (ImportError, AttributeError) as error:
         raise ConfigError(f"gold_reward {spec!r}: cannot import it ({error})") from None
+    if not callable(function):
+        raise ConfigError(f"gold_reward {spec!r}: {function_name} is not a function (expected f(prompt, response))")
+    return function
+
+
+def pick_gold_reward(cli_spec: str | None, manifest_spec: str | None, trust_manifest: bool = False,
+                     manifest_path: str = "the policy's manifest") -> tuple[str | None, str | None]:
+    """Which gold reward eval-policy may import: (spec to load or None, a notice to print or None).
+
+    Importing a module runs its code, and a stage folder may come from someone else, so a gold reward named only by a
+    manifest runs only when the user confirms it (trust_manifest). One named on the command line or in the recipe
+    (cli_spec) always wins."""
+    if cli_spec:
+        return cli_spec, None
+    if not manifest_spec:
+        return None, None
+    if trust_manifest:
+        return manifest_spec, None
+    # Shown as written only when it looks like module:function; anything else (control characters...) as a repr.
+    plain = isinstance(manifest_spec, str) and re.fullmatch(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*", manifest_spec)
+    shown = manifest_spec if plain else repr(manifest_spec)
+    return None, (f"{manifest_path} names gold_reward {shown}; it was not imported or run (code named by a stage "
+                  f"folder runs only when you ask). To use it, pass --gold_reward {shown} or "
+                  f"--trust_manifest_gold_reward true")
 
 
 def mean_with_interval(values: list[float]) -> dict:
@@ -96,8 +126,12 @@ class EvalPolicyArgs:
     reference: str | None = field(default=None, metadata={"help": "Reference stage folder (default: the first "
                                                            "policy's parent, e.g. the SFT stage)."})
     reward_model: str | None = field(default=None, metadata={"help": "Reward stage folder judging win-rates."})
-    gold_reward: str | None = field(default=None, metadata={"help": "module:function gold reward (default: the one "
-                                                             "the policy's recipe names, if any)."})
+    gold_reward: str | None = field(default=None, metadata={"help": "module:function gold reward to import and score "
+                                                             "samples with, e.g. rlhf.tiny.task:gold_reward."})
+    trust_manifest_gold_reward: bool = field(default=False, metadata={
+        "help": "Without --gold_reward, import and run the gold reward the first policy's manifest names. Importing "
+                "runs that module's code, so a stage folder from someone else could run any installed module: only "
+                "set this for stage folders you trust. Off: the manifest's gold reward is reported, not run."})
     out: str | None = field(default=None, metadata={"help": "Report folder (default: <first policy>/eval_policy)."})
     max_samples: int = field(default=128, metadata={"help": "Prompts to sample."})
     max_new_tokens: int = field(default=64, metadata={"help": "Longest response sampled."})
@@ -180,6 +214,7 @@ def report_markdown(report: dict, reference_name: str | None) -> str:
             ("win-rate vs reference (gold)", "win_rate_vs_reference_gold"), ("KL(policy ‖ reference)", "kl_to_reference")]
     lines = ["# Policy evaluation", "", f"{report['n_prompts']} held-out prompts, sampling {report['sampling']}.",
              f"Reference: {reference_name or 'none'}. Values are means with 95% confidence intervals.", "",
+             *([f"Gold reward not run: {report['gold_reward_not_run']}", ""] if report.get("gold_reward_not_run") else []),
              "| metric | " + (("reference | " if "reference" in report else "")) + " | ".join(names) + " |",
              "|---|" + ("---|" if "reference" in report else "") + "---|" * len(names)]
     for label, key in rows:
@@ -220,7 +255,10 @@ def main(argv: list[str] | None = None) -> dict:
     manifests = {path: read_manifest(path) for path in args.policy}
     first = manifests[args.policy[0]]
     reference_path = args.reference or first.parent
-    gold_spec = args.gold_reward or first.config.get("data", {}).get("gold_reward")
+    gold_spec, gold_notice = pick_gold_reward(args.gold_reward, first.config.get("data", {}).get("gold_reward"),
+                                              args.trust_manifest_gold_reward,
+                                              str(Path(args.policy[0]) / "manifest.json"))
+    gold = load_gold_reward(gold_spec) if gold_spec else None  # fail on a bad spec before loading any model
 
     policies = {path: load_stage_output(manifest, model_args).eval() for path, manifest in manifests.items()}
     tokenizer = stage_tokenizer(first, model_args)
@@ -228,13 +266,15 @@ def main(argv: list[str] | None = None) -> dict:
     reward_model, reward_tokenizer = load_reward_model(args.reward_model, model_args) if args.reward_model else (None, None)
     report = compare_policies(
         policies, tokenizer, prompts, reference=reference, reward_model=reward_model, reward_tokenizer=reward_tokenizer,
-        gold=load_gold_reward(gold_spec) if gold_spec else None, n_examples=args.n_examples,
+        gold=gold, n_examples=args.n_examples,
         batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
         top_p=args.top_p, seed=args.seed,
     )
     report["reference_path"] = reference_path
     report["reward_model_path"] = args.reward_model
     report["gold_reward_spec"] = gold_spec
+    if gold_notice:
+        report["gold_reward_not_run"] = gold_notice
     out_dir = Path(args.out or Path(args.policy[0]) / "eval_policy")
     atomic_write(out_dir / "report.json", json.dumps(report, indent=2) + "\n")
     atomic_write(out_dir / "report.md", report_markdown(report, reference_path))
@@ -242,5 +282,7 @@ def main(argv: list[str] | None = None) -> dict:
         gold_text = f"gold {format_interval(summary.get('gold_reward'))}, " if "gold_reward" in summary else ""
         kl_text = f"KL {format_interval(summary.get('kl_to_reference'))}, " if "kl_to_reference" in summary else ""
         print(f"[rlhf] {name}: {gold_text}{kl_text}EOS rate {summary['eos_rate']:.2f}")
+    if gold_notice:
+        print(f"[rlhf] {gold_notice}")
     print(f"[rlhf] report -> {out_dir / 'report.md'}")
     return report

@@ -1,5 +1,8 @@
 """`python -m rlhf.ppo` / `accelerate launch -m rlhf.ppo`: the PPO stage."""
 
-from rlhf.ppo.trainer import main
+import sys
 
-main()
+from rlhf.ppo.trainer import STAGE, main
+from rlhf.processes import run_main
+
+sys.exit(run_main(main, STAGE))

@@ -5,9 +5,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from rlhf.config import ConfigError
+from rlhf.stage import StageOutputArgs
+
 
 @dataclass
-class PPOArgs:
+class PPOArgs(StageOutputArgs):
     output_dir: str | None = field(default=None, metadata={"help": "Stage output folder."})
     reward_model: str | None = field(default=None, metadata={"help": "Reward stage folder (its manifest is read)."})
     layout: str = field(
@@ -39,6 +42,10 @@ class PPOArgs:
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay."})
     max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping norm."})
     # Rollout
+    max_prompt_length: int = field(
+        default=512, metadata={"help": "Longest prompt in tokens (chat template applied). Longer prompts follow "
+                               "length_policy: error stops before any model loads, drop leaves them out, truncate "
+                               "keeps their last max_prompt_length tokens."})
     max_new_tokens: int = field(default=48, metadata={"help": "Longest response sampled."})
     temperature: float = field(default=1.0, metadata={"help": "Sampling temperature (also used for log-probs)."})
     top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling threshold."})
@@ -71,5 +78,43 @@ class PPOArgs:
     logging_steps: int = field(default=1, metadata={"help": "Log every N iterations."})
     save_merged: bool = field(default=True, metadata={"help": "Also write <output_dir>/merged."})
     seed: int = field(default=42, metadata={"help": "Seed for prompt order, sampling and initialisation."})
+    ddp_timeout: int = field(default=1800, metadata={"help": "Seconds a process waits for the others in a collective "
+                                                    "before the run ends, naming the rank that stopped answering."})
     report_to: list[str] = field(default_factory=lambda: ["none"], metadata={"help": "Trackers (tensorboard, wandb, "
                                                                                "...) or none."})
+
+    def __post_init__(self):
+        """Ranges and divisibility, checked before anything loads."""
+        positive_ints = ("steps", "rollout_batch_size", "mini_batch_size", "gradient_accumulation_steps", "ppo_epochs",
+                         "max_new_tokens", "max_prompt_length", "kl_horizon", "ddp_timeout")
+        for name in positive_ints:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"ppo: {name}: expected an integer >= 1, got {value!r}")
+        for name in ("save_steps", "logging_steps"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"ppo: {name}: expected an integer >= 0 (0 = off), got {getattr(self, name)!r}")
+        bounds = {"learning_rate": (0, None, "a number >= 0"), "weight_decay": (0, None, "a number >= 0"),
+                  "max_grad_norm": (0, None, "a number > 0"), "temperature": (0, None, "a number > 0"),
+                  "top_p": (0, 1, "a number in (0, 1]"), "kl_coef": (0, None, "a number >= 0"),
+                  "gamma": (0, 1, "a number in [0, 1]"), "lam": (0, 1, "a number in [0, 1]"),
+                  "cliprange": (0, None, "a number > 0"), "cliprange_value": (0, None, "a number > 0"),
+                  "vf_coef": (0, None, "a number >= 0")}
+        strict = {"max_grad_norm", "temperature", "top_p", "cliprange", "cliprange_value"}
+        for name, (low, high, expected) in bounds.items():
+            value = getattr(self, name)
+            below = value <= low if name in strict else value < low
+            if below or (high is not None and value > high):
+                raise ConfigError(f"ppo: {name}: expected {expected}, got {value!r}")
+        for name in ("target_kl", "reward_clip"):
+            if getattr(self, name) is not None and getattr(self, name) <= 0:
+                raise ConfigError(f"ppo: {name}: expected a number > 0 (or null to turn it off), got {getattr(self, name)!r}")
+        if self.rollout_batch_size % self.mini_batch_size:
+            raise ConfigError(f"ppo: rollout_batch_size ({self.rollout_batch_size}) must be a multiple of "
+                              f"mini_batch_size ({self.mini_batch_size})")
+        if self.mini_batch_size % self.gradient_accumulation_steps:
+            raise ConfigError(f"ppo: mini_batch_size ({self.mini_batch_size}) must be a multiple of "
+                              f"gradient_accumulation_steps ({self.gradient_accumulation_steps}), so every "
+                              "micro-batch holds the same number of rollouts")
+        if self.critic == "shared" and self.layout != "shared":
+            raise ConfigError("ppo: critic: shared puts the value head on the shared policy; use layout: shared")

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import time
 from pathlib import Path
 
@@ -23,6 +24,7 @@ from tqdm.auto import tqdm
 from rlhf.config import ConfigError, DataArgs, ModelArgs, parse_args
 from rlhf.ppo import math as ppo_math
 from rlhf.ppo.config import PPOArgs
+from rlhf.processes import run_main
 from rlhf.ppo.rollout import (Rollout, collect, finish_advantages, policy_logprobs, policy_logprobs_and_values,
                               value_predictions)
 
@@ -143,6 +145,30 @@ def rollout_metrics(rollout: Rollout, gold_scores: list[float] | None, distribut
     return {key: distributed.mean_of(value) if not math.isnan(value) else value for key, value in metrics.items()}
 
 
+def fit_prompts(records: list[dict], tokenizer, max_prompt_length: int, data_args: DataArgs, say=print):
+    """(prompts, token ids) within max_prompt_length, by data_args.length_policy: error names the first prompt that
+    is too long, drop leaves such prompts out, truncate keeps their last max_prompt_length tokens."""
+    from rlhf import data
+    from rlhf.generation import encode_prompts
+
+    source, policy = data_args.train_data, data_args.length_policy
+    if policy in ("error", "drop"):
+        kept = data.check_lengths(records, tokenizer, max_prompt_length, source, "prompt", policy)
+        if len(kept) < len(records):
+            say(f"[rlhf] ppo: {len(records) - len(kept)} of {len(records)} prompts in {source} are longer than "
+                f"max_prompt_length {max_prompt_length} tokens and are left out (length_policy: drop)")
+        records = kept
+    prompts = [record["prompt"] for record in records]
+    prompt_ids = encode_prompts(tokenizer, prompts)
+    if policy == "truncate":
+        cut = sum(len(ids) > max_prompt_length for ids in prompt_ids)
+        if cut:
+            say(f"[rlhf] ppo: {cut} of {len(prompt_ids)} prompts in {source} are longer than max_prompt_length "
+                f"{max_prompt_length} tokens; keeping their last {max_prompt_length} tokens (length_policy: truncate)")
+        prompt_ids = [ids[-max_prompt_length:] for ids in prompt_ids]
+    return prompts, prompt_ids
+
+
 # ----------------------------------------------------------------------------------------------- checkpoints
 
 def trainable_state(models) -> dict[str, torch.Tensor]:
@@ -168,6 +194,31 @@ def save_checkpoint(models, optimizer, step: int, kl_coef: float, checkpoint_roo
     return final
 
 
+def without_steps(config: dict) -> dict:
+    """A PPO configuration less its length: a longer run of it may continue from its checkpoints."""
+    return {**config, "training": {key: value for key, value in config["training"].items() if key != "steps"}}
+
+
+def read_metrics_log(path: Path) -> list[dict]:
+    """The rows of metrics.jsonl, up to a last line a kill may have cut short."""
+    rows = []
+    for line in path.read_text().splitlines() if path.is_file() else []:
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            break
+    return rows
+
+
+def truncate_metrics_log(path: Path, last_step: int) -> None:
+    """Keep only the rows of steps up to last_step, the step the run resumes after."""
+    from rlhf.manifest import atomic_write
+
+    if path.is_file():
+        kept = [row for row in read_metrics_log(path) if row.get("step", 0) <= last_step]
+        atomic_write(path, "".join(json.dumps(row) + "\n" for row in kept))
+
+
 def latest_checkpoint(checkpoint_root: Path) -> Path | None:
     done = sorted(path for path in checkpoint_root.glob("step-*") if (path / "state.json").is_file())
     return done[-1] if done else None
@@ -188,47 +239,38 @@ def load_checkpoint(models, optimizer, checkpoint: Path) -> dict:
 # ----------------------------------------------------------------------------------------------- the stage
 
 def main(argv: list[str] | None = None):
-    # Config
+    # Config (PPOArgs checks its own ranges)
     model_args, data_args, args = parse_args(ARG_TYPES, argv, prog="rlhf ppo", description=__doc__)
     for name, value in [("train_data", data_args.train_data), ("reward_model", args.reward_model),
                         ("output_dir", args.output_dir), ("init_from", model_args.init_from)]:
         if not value:
             raise ConfigError(f"ppo: '{name}' is required (set it in the recipe or pass --{name})")
-    if args.rollout_batch_size % args.mini_batch_size:
-        raise ConfigError(f"ppo: rollout_batch_size ({args.rollout_batch_size}) must be a multiple of "
-                          f"mini_batch_size ({args.mini_batch_size})")
+    if data_args.eval_data:
+        raise ConfigError("ppo: eval_data is not used by PPO yet; remove it (held-out prompts are scored after "
+                          "training through gold_eval_prompts, or with rlhf eval-policy)")
 
     from accelerate import Accelerator
 
     from rlhf import data
-    from rlhf.generation import encode_prompts
-    from rlhf.manifest import resolve_parent
+    from rlhf.manifest import config_hash, resolve_parent
     from rlhf.models import stage_tokenizer
     from rlhf.ppo.layouts import POLICY, build_models
-    from rlhf.manifest import config_hash
-    from rlhf.stage import (
-        StageError,
-        check_checkpoint_config,
-        hold_output_lock,
-        load_gold_prompts,
-        stage_config,
-        write_stage,
-    )
+    from rlhf.processes import start_processes
+    from rlhf.stage import StageError, check_checkpoint_config, load_gold_prompts, open_output, stage_config, write_stage
 
+    start_processes(args.ddp_timeout)
     accelerator = Accelerator(log_with=None if args.report_to in (["none"], []) else args.report_to)
     distributed = Distributed(accelerator)
     output_dir = Path(args.output_dir)
-    lock = hold_output_lock(str(output_dir))  # noqa: F841  (held until the process ends)
 
-    # Data: prompts, validated and tokenised before any model is loaded.
+    # Data: prompts, validated, length-checked and tokenised before any model is loaded.
     prompt_records = data.load_prompts(data_args.train_data, data_args.train_split)[: data_args.max_train_samples]
     policy_parent = resolve_parent(model_args.init_from, PARENT_STAGES)
     reward_manifest = resolve_parent(args.reward_model, ("reward",))
     config = stage_config(model_args, data_args, args, parent=policy_parent)
     tokenizer = stage_tokenizer(policy_parent, model_args)
     reward_tokenizer = stage_tokenizer(reward_manifest, model_args)
-    prompts = [record["prompt"] for record in prompt_records]
-    prompt_ids = encode_prompts(tokenizer, prompts)
+    prompts, prompt_ids = fit_prompts(prompt_records, tokenizer, args.max_prompt_length, data_args, accelerator.print)
     gold = None
     if data_args.gold_reward:
         from rlhf.evaluate.policy import load_gold_reward
@@ -241,6 +283,12 @@ def main(argv: list[str] | None = None):
             raise ConfigError(f"{args.reward_model}: manifest has no reward_mean/reward_std; retrain it or set "
                               "normalize_reward: false")
         reward_stats = (stats["reward_mean"], stats["reward_std"])
+    lock, finished = open_output(STAGE, str(output_dir), config, args.overwrite,  # noqa: F841 (held until exit)
+                                 extends=lambda done: (config_hash(without_steps(done.config)) ==
+                                                       config_hash(without_steps(config))
+                                                       and args.steps > done.metrics.get("steps", args.steps)))
+    if finished:
+        return finished
 
     # Models: identical initialisation on every process.
     torch.manual_seed(args.seed)
@@ -256,8 +304,7 @@ def main(argv: list[str] | None = None):
     # Resume
     checkpoint_root = output_dir / "checkpoints"
     # Training longer (more steps) may continue from the checkpoints; any other change may not.
-    check_checkpoint_config(checkpoint_root, config_hash({**config, "training": {
-        key: value for key, value in config["training"].items() if key != "steps"}}))
+    check_checkpoint_config(checkpoint_root, config_hash(without_steps(config)))
     start_step = 0
     last = latest_checkpoint(checkpoint_root)
     if last is not None:
@@ -269,11 +316,10 @@ def main(argv: list[str] | None = None):
 
     # Train
     log_path = output_dir / "metrics.jsonl"
-    if accelerator.is_main_process and start_step == 0:
-        log_path.unlink(missing_ok=True)
+    if accelerator.is_main_process:
+        truncate_metrics_log(log_path, start_step)  # steps after the checkpoint are trained (and logged) again
     progress = tqdm(range(start_step, args.steps), initial=start_step, total=args.steps, desc="ppo",
                     disable=not accelerator.is_local_main_process)
-    history = []
     for step in progress:
         step_started = time.perf_counter()
         # Seeds depend on (seed, step, rank) only, so a resumed run continues exactly as an uninterrupted one.
@@ -299,7 +345,6 @@ def main(argv: list[str] | None = None):
         if not all(math.isfinite(value) for key, value in metrics.items() if key != "value/explained_variance"):
             raise StageError(f"ppo: non-finite metrics at step {step + 1} ({metrics}); last good checkpoint: "
                               f"{latest_checkpoint(checkpoint_root)}. Lower learning_rate or check the reward model.")
-        history.append(metrics)
         if accelerator.is_main_process:
             with open(log_path, "a") as log_file:
                 log_file.write(json.dumps(metrics) + "\n")
@@ -319,8 +364,8 @@ def main(argv: list[str] | None = None):
     models.policy_for_saving().save_pretrained(output_dir / "adapter", selected_adapters=[POLICY])
     tokenizer.save_pretrained(output_dir / "adapter")
     save_checkpoint(models, optimizer, args.steps, kl_control.value, checkpoint_root)
-    first, last_metrics = (history[0], history[-1]) if history else ({}, {})
-    metrics = {"steps": args.steps, "first": first, "last": last_metrics}
+    logged = read_metrics_log(log_path)  # every step once, whether or not the run was resumed
+    metrics = {"steps": args.steps, "first": logged[0] if logged else {}, "last": logged[-1] if logged else {}}
     manifest = write_stage(
         STAGE, str(output_dir), model_args, data_args=data_args, config=config,
         base_model=policy_parent.base_model, parent=policy_parent, metrics=metrics, tokenizer=tokenizer,
@@ -336,4 +381,4 @@ def main(argv: list[str] | None = None):
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_main(main, STAGE))

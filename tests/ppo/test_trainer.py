@@ -180,3 +180,47 @@ def test_shared_critic_needs_the_shared_layout(sft_run, reward_run, tmp_path):
 
     with pytest.raises(ConfigError, match="critic: shared .* use layout: shared"):
         short_run(sft_run, reward_run, tmp_path / "bad", "--steps", "1", "--critic", "shared", "--layout", "separate")
+
+
+def test_resume_after_a_kill_logs_every_step_once(sft_run, reward_run, tmp_path):
+    """A run killed after logging steps 3-4 but before its last save resumes from step 2: those rows are logged
+    again, so the log must drop them first, and the manifest's first row stays step 1."""
+    output_dir = tmp_path / "killed"
+    short_run(sft_run, reward_run, output_dir, "--steps", "4", "--save_steps", "2")
+    # What a kill between the step-4 log line and the final save leaves: no manifest, no step-4 checkpoint, and a
+    # last log line cut in half.
+    (output_dir / "manifest.json").unlink()
+    import shutil
+
+    shutil.rmtree(output_dir / "checkpoints" / "step-000004")
+    with open(output_dir / "metrics.jsonl", "a") as log:
+        log.write('{"step": 5, "score/r')
+    manifest = short_run(sft_run, reward_run, output_dir, "--steps", "4", "--save_steps", "2")
+    assert [row["step"] for row in metrics_lines(output_dir)] == [1, 2, 3, 4]
+    assert manifest.metrics["first"]["step"] == 1 and manifest.metrics["last"]["step"] == 4
+
+
+def test_prompts_longer_than_max_prompt_length_follow_the_length_policy(sft_run, tmp_path):
+    import pytest
+
+    from rlhf.config import DataArgs
+    from rlhf.data import DataError, load_prompts
+    from rlhf.ppo.trainer import fit_prompts
+
+    prompts_file = tmp_path / "prompts.jsonl"
+    prompts_file.write_text(json.dumps({"prompt": "Write a short review of the lamp."}) + "\n"
+                            + json.dumps({"prompt": "lamp " * 400}) + "\n")
+    records = load_prompts(str(prompts_file))
+    tokenizer = stage_tokenizer(sft_run, ModelArgs())
+    messages = []
+
+    def fit(policy):
+        return fit_prompts(records, tokenizer, 64, DataArgs(train_data=str(prompts_file), length_policy=policy),
+                           messages.append)
+
+    with pytest.raises(DataError, match=r"prompts.jsonl line 2, field 'prompt': \d+ tokens, longer than max_length 64"):
+        fit("error")
+    prompts, ids = fit("drop")
+    assert len(prompts) == len(ids) == 1 and "1 of 2 prompts" in messages[-1]
+    prompts, ids = fit("truncate")
+    assert len(ids) == 2 and len(ids[1]) == 64 and len(ids[0]) < 64 and "keeping their last 64" in messages[-1]

@@ -1,0 +1,88 @@
+"""What every stage does with its output folder: a finished run is never overwritten by accident, a rerun of the same
+configuration changes nothing, one lock per folder, and a launch whose processes cannot see each other is refused."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO
+from rlhf.cli import main
+from rlhf.manifest import read_manifest
+from rlhf.stage import LOCK_NAME, check_writable, hold_output_lock
+
+SFT = ["sft", "--config", "recipes/tiny/sft.yaml"]
+
+
+def copy_stage(manifest, destination):
+    shutil.copytree(manifest.output_dir, destination, ignore=shutil.ignore_patterns(LOCK_NAME))
+    return destination
+
+
+def test_rerunning_a_finished_stage_changes_nothing(sft_run, tmp_path, capsys):
+    folder = copy_stage(sft_run, tmp_path / "sft")
+    before = (folder / "manifest.json").read_bytes()
+    assert main(SFT + ["--output_dir", str(folder)]) == 0
+    assert "already holds this run" in capsys.readouterr().out
+    assert (folder / "manifest.json").read_bytes() == before
+    assert json.loads(before)["metrics"]["train_loss"] > 0
+
+
+def test_another_configuration_is_refused_unless_overwrite(sft_run, tmp_path, capsys):
+    folder = copy_stage(sft_run, tmp_path / "sft")
+    before = (folder / "manifest.json").read_bytes()
+    assert main(SFT + ["--output_dir", str(folder), "--max_steps", "3"]) == 1
+    error = capsys.readouterr().err
+    assert "holds a finished 'sft' run of another configuration" in error and "--overwrite true" in error
+    assert (folder / "manifest.json").read_bytes() == before
+
+    assert main(SFT + ["--output_dir", str(folder), "--max_steps", "3", "--overwrite", "true",
+                       "--gold_eval_prompts", "", "--save_merged", "false"]) == 0
+    replaced = read_manifest(folder)
+    assert replaced.metrics["steps"] == 3 and replaced.merged_path is None
+    assert not (folder / "merged").exists()  # nothing of the old run is left to be mistaken for this one
+
+
+def test_finished_ppo_rerun_keeps_its_metrics(ppo_run, sft_run, reward_run, tmp_path):
+    from rlhf.ppo import trainer
+
+    folder = copy_stage(ppo_run, tmp_path / "ppo")
+    before = (folder / "manifest.json").read_bytes()
+    rerun = trainer.main(["--config", "recipes/tiny/ppo.yaml", "--init_from", sft_run.output_dir,
+                          "--reward_model", reward_run.output_dir, "--output_dir", str(folder)])
+    assert (folder / "manifest.json").read_bytes() == before
+    assert rerun.metrics["first"]["step"] == 1 and rerun.metrics["last"]["step"] == ppo_run.metrics["steps"]
+
+
+def test_one_lock_file_per_folder(tmp_path):
+    from rlhf.stage import StageError
+
+    held = hold_output_lock(str(tmp_path / "out"))  # noqa: F841
+    assert sorted(path.name for path in (tmp_path / "out").iterdir()) == [LOCK_NAME]
+    with pytest.raises(StageError, match="in use by another run"):
+        hold_output_lock(str(tmp_path / "out"))
+
+
+def test_unwritable_output_is_found_before_training(tmp_path):
+    (tmp_path / "out").mkdir()
+    assert check_writable(tmp_path / "out") is None
+    (tmp_path / "out" / "checkpoints").symlink_to("/proc/self")
+    assert "checkpoints is not writable" in check_writable(tmp_path / "out")
+
+
+@pytest.mark.parametrize("module", ["rlhf.sft", "rlhf.reward", "rlhf.dpo", "rlhf.ppo"])
+def test_launch_whose_processes_cannot_see_each_other_is_refused(module, tmp_path):
+    """Two processes without ACCELERATE_USE_CPU on a CPU machine: accelerate would run each alone."""
+    stage = module.split(".")[1]
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", "recipes/accelerate/cpu_2proc.yaml",
+               "--main_process_port", "29617", "-m", module, "--config", f"recipes/tiny/{stage}.yaml",
+               "--output_dir", str(tmp_path / stage)]
+    env = {key: value for key, value in os.environ.items() if key != "ACCELERATE_USE_CPU"}
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode != 0
+    assert "this launch started 2 processes" in result.stderr and "ACCELERATE_USE_CPU=1" in result.stderr
+    assert result.stderr.count("this launch started 2 processes") == 1  # said once, by rank 0
+    assert not (tmp_path / stage).exists()  # nothing written, nothing trained
