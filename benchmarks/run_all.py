@@ -1,7 +1,7 @@
 """Run every benchmark in turn (about 15 minutes on 2 CPU cores) and print a summary against the targets.
 
     python benchmarks/run_all.py            # builds benchmarks/.venv-trl026 first if it is missing
-    python benchmarks/run_all.py --only flops scaling
+    python benchmarks/run_all.py --only flops scaling rollout_memory
 
 Run it on an otherwise idle machine: every figure is a ratio of two runs taken side by side, but another process on
 the same cores skews one side more than the other. Results land in benchmarks/results/*.json.
@@ -22,6 +22,7 @@ BENCHMARKS = {
     "ppo": ["ppo_vs_trl026.py"],
     "flops": ["flops.py"],
     "scaling": ["scaling.py"],
+    "rollout_memory": ["rollout_memory.py"],
 }
 
 

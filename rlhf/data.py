@@ -534,5 +534,14 @@ def to_dataset(records: list[dict]) -> datasets.Dataset:
 
     # Dataset.from_list takes its columns from the first record only, so give every record every key.
     columns = list(dict.fromkeys(key for record in records for key in record))
+    if "margin" in columns:
+        # A missing margin would become None, which TRL's reward collator cannot turn into a tensor; and no
+        # default is neutral (0 reads as "barely preferred" next to labelled pairs), so the data must say.
+        unlabelled = next((index for index, record in enumerate(records) if "margin" not in record), None)
+        if unlabelled is not None:
+            where = getattr(records[unlabelled], "where", f"record {unlabelled + 1}")
+            labelled = sum("margin" in record for record in records)
+            raise DataError(f"{where}: no 'margin', but {labelled} of the {len(records)} records have one; "
+                            "give every record a margin or none")
     rows = [{column: record.get(column) for column in columns} for record in records]
     return datasets.Dataset.from_list(rows)

@@ -5,8 +5,9 @@
 
 The reference model is the SFT policy itself: the SFT adapter is merged into the base, a new DPO adapter is trained
 on top, and the reference log-probs come from the same model with the DPO adapter disabled. One copy of the weights
-is in memory. Every TRL loss is available (loss_type: sigmoid, ipo, hinge, robust, apo_zero, ...; several with
-loss_weights), with beta, label_smoothing and precompute_ref_log_probs.
+is in memory. With use_lora: false the reference is a second, frozen copy of the parent policy. Every TRL loss is
+available (loss_type: sigmoid, ipo, hinge, robust, apo_zero, ...; several with loss_weights), with beta,
+label_smoothing and precompute_ref_log_probs.
 """
 
 from __future__ import annotations
@@ -65,17 +66,24 @@ def main(argv: list[str] | None = None):
     if finished:
         return finished
 
-    # Model: one model; the reference is this model with the DPO adapter switched off.
+    # Model: with LoRA one model, whose reference is itself with the DPO adapter switched off; in full
+    # fine-tuning a second, frozen copy of the parent policy.
     from rlhf.models import load_start_model, lora_config
 
     model, tokenizer, base_model, parent = load_start_model(model_args, PARENT_STAGES)
+    reference_model = None
+    if not model_args.use_lora:
+        # Without an adapter to disable, TRL would rebuild the reference from config._name_or_path, which for a
+        # parent rebuilt as base + adapter (no merged copy saved) is the base model's path: hand it the parent.
+        reference_model, _, _, _ = load_start_model(model_args, PARENT_STAGES)
+        reference_model.requires_grad_(False).eval()
 
     # Trainer
     from trl import DPOTrainer
 
     trainer = DPOTrainer(
         model=model,
-        ref_model=None,
+        ref_model=reference_model,
         args=training_args,
         train_dataset=data.to_dataset(train_pairs),
         eval_dataset=data.to_dataset(eval_pairs) if eval_pairs else None,

@@ -96,7 +96,19 @@ def torch_dtype(name: str):
 CAUSAL_LM, REWARD = "causal-lm", "reward"
 
 
-def load_pretrained(path: str, model_args: ModelArgs, head: str = CAUSAL_LM):
+def set_pad_token_id(model, pad_token_id: int) -> None:
+    """A sequence classifier reads its score at the last token that is not config.pad_token_id, so that id must be
+    the pad the inputs are padded with: None fails for batches > 1, and pad == EOS reads padding or the token
+    before the EOS. Multimodal configs keep it on their text config."""
+    model.config.pad_token_id = pad_token_id
+    text_config = model.config.get_text_config()
+    if text_config is not model.config:
+        text_config.pad_token_id = pad_token_id
+
+
+def load_pretrained(path: str, model_args: ModelArgs, head: str = CAUSAL_LM, pad_token_id: int | None = None):
+    """A model folder as a causal LM or a reward model. A reward model's pad_token_id is set to `pad_token_id`, or
+    to the pad of the tokenizer in `path` (see load_tokenizer), whatever its config.json says."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     check_model_path(path)
@@ -104,7 +116,11 @@ def load_pretrained(path: str, model_args: ModelArgs, head: str = CAUSAL_LM):
     if model_args.attn_implementation:
         kwargs["attn_implementation"] = model_args.attn_implementation
     if head == REWARD:
-        return AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, **kwargs)
+        if pad_token_id is None:
+            pad_token_id = load_tokenizer(path, model_args.trust_remote_code).pad_token_id
+        model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, **kwargs)
+        set_pad_token_id(model, pad_token_id)
+        return model
     return AutoModelForCausalLM.from_pretrained(path, **kwargs)
 
 
@@ -127,23 +143,29 @@ def stage_head(manifest: Manifest) -> str:
     return manifest.extra.get("head", CAUSAL_LM)
 
 
-def load_stage_output(manifest: Manifest, model_args: ModelArgs, head: str | None = None):
+def load_stage_output(manifest: Manifest, model_args: ModelArgs, head: str | None = None,
+                      pad_token_id: int | None = None):
     """A finished stage's model as one plain model: its merged copy if saved, else its parent's output (or the base)
-    with its adapter merged in, recursively up the lineage."""
+    with its adapter merged in, recursively up the lineage. A reward model gets the pad of the tokenizer saved with
+    this stage (or `pad_token_id`): no config.json on the way is trusted to hold it."""
     head = head or stage_head(manifest)
+    if head == REWARD and pad_token_id is None:
+        pad_token_id = stage_tokenizer(manifest, model_args).pad_token_id
     if manifest.merged_path and Path(manifest.path(manifest.merged_path)).is_dir():
-        return load_pretrained(manifest.path(manifest.merged_path), model_args, head)
+        return load_pretrained(manifest.path(manifest.merged_path), model_args, head, pad_token_id)
     adapter_dir = manifest.path(manifest.adapter_path) if manifest.adapter_path else None
     if adapter_dir:
         check_adapter_folder(adapter_dir)  # before loading anything, and before peft would unpickle a .bin adapter
-    if manifest.parent:
-        model = load_stage_output(read_manifest(manifest.parent), model_args, head)  # parent paths are absolute
+    if manifest.parent:  # parent paths are absolute
+        model = load_stage_output(read_manifest(manifest.parent), model_args, head, pad_token_id)
     else:
-        model = load_pretrained(manifest.base_model, model_args, head)
+        model = load_pretrained(manifest.base_model, model_args, head, pad_token_id)
     if adapter_dir:
         from peft import PeftModel
 
-        model = PeftModel.from_pretrained(model, adapter_dir).merge_and_unload()
+        # peft loads the adapter for inference and freezes every weight; give back what from_pretrained gives for a
+        # merged copy (all trainable), or full fine-tuning from this stage would have nothing to train.
+        model = PeftModel.from_pretrained(model, adapter_dir).merge_and_unload().requires_grad_(True)
     return model
 
 

@@ -377,6 +377,22 @@ def test_to_dataset_keeps_keys_missing_from_first_record():
     assert dataset[1] == {"a": 2, "b": "x"}
 
 
+def test_margin_on_some_records_only_is_refused_naming_the_first_without(tmp_path):
+    path = write_jsonl(tmp_path / "p.jsonl", [
+        {"prompt": "q1", "chosen": "a", "rejected": "b", "margin": 1.5},
+        {"prompt": "q2", "chosen": "a", "rejected": "b"},
+        {"prompt": "q3", "chosen": "a", "rejected": "b"},
+    ])
+    pairs = load_preferences(path)
+    with pytest.raises(DataError, match=rf"^{path} line 2: no 'margin', but 1 of the 3 records have one"):
+        to_dataset(pairs)
+    with pytest.raises(DataError, match=r"^record 1: no 'margin'"):  # plain dicts: named by position
+        to_dataset([{"chosen": "a"}, {"chosen": "b", "margin": 0.5}])
+    # All or none: the margin column reaches TRL's collator as numbers.
+    assert to_dataset(pairs[1:]).column_names == ["prompt", "chosen", "rejected"]
+    assert to_dataset([{**pair, "margin": 2.0} for pair in pairs])["margin"] == [2.0, 2.0, 2.0]
+
+
 # --------------------------------------------------------------------------- lengths
 
 

@@ -1,6 +1,7 @@
 """DPO stage: improves the gold reward over SFT, reference = adapter disabled on one model, loss variants."""
 
 import gc
+import shutil
 
 import pytest
 import torch
@@ -60,6 +61,45 @@ def test_reference_is_the_sft_policy_with_the_adapter_disabled(sft_run, tmp_path
         reference_logprobs = _logprobs(policy, tokenizer, pairs[:8])
     torch.testing.assert_close(reference_logprobs, sft_logprobs, atol=1e-4, rtol=1e-4)
     assert not torch.allclose(_logprobs(policy, tokenizer, pairs[:8]), sft_logprobs, atol=1e-3)  # DPO moved the policy
+
+
+def test_full_fine_tuning_takes_the_sft_policy_as_reference_not_the_base(sft_run, tmp_path, monkeypatch):
+    import trl
+
+    from conftest import TINY_BASE
+    from rlhf import dpo
+    from rlhf.models import load_causal_lm
+
+    trainers = []
+
+    class RecordingDPOTrainer(trl.DPOTrainer):  # the stage's own trainer, kept so its reference can be inspected
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            trainers.append(self)
+
+    monkeypatch.setattr(trl, "DPOTrainer", RecordingDPOTrainer)
+    # An SFT stage saved without its merged copy (save_merged: false): the policy is then built as base + adapter,
+    # and its config still names the base model's folder.
+    parent = tmp_path / "sft"
+    shutil.copytree(sft_run.output_dir, parent, ignore=shutil.ignore_patterns("merged", "checkpoints", ".lock"))
+    manifest = dpo.main(["--config", "recipes/tiny/dpo.yaml", "--init_from", str(parent),
+                         "--output_dir", str(tmp_path / "dpo"), "--use_lora", "false", "--max_steps", "2",
+                         "--max_train_samples", "16", "--per_device_train_batch_size", "8", "--eval_data", "",
+                         "--gold_eval_prompts", "", "--save_merged", "false"])
+    assert manifest.extra["reference"].startswith("separate frozen copy of the parent policy")
+    (trainer,) = trainers
+    reference = trainer.accelerator.unwrap_model(trainer.ref_model)
+    assert reference is not None
+
+    pairs = load_preferences(str(TINY_DATA / "prefs_train.jsonl"))[:8]
+    tokenizer = trainer.processing_class
+    reference_logprobs = _logprobs(reference.eval(), tokenizer, pairs)
+    sft_logprobs = _logprobs(load_stage_output(sft_run, ModelArgs()).eval(), tokenizer, pairs)
+    base_logprobs = _logprobs(load_causal_lm(TINY_BASE, ModelArgs()).eval(), tokenizer, pairs)
+    torch.testing.assert_close(reference_logprobs, sft_logprobs, atol=1e-5, rtol=1e-5)  # after training: untouched
+    assert not torch.allclose(reference_logprobs, base_logprobs, atol=1e-2)
+    assert not torch.allclose(_logprobs(trainer.model.eval(), tokenizer, pairs), sft_logprobs, atol=1e-3)  # trained
+    assert not any(parameter.requires_grad for parameter in reference.parameters())
 
 
 def test_loss_variants_and_weights_parse():

@@ -1,8 +1,16 @@
-"""Sampling helpers: left padding and cutting responses after the first stop token."""
+"""Sampling: left padding, cutting responses after the first stop token, and the log-probs sampling hands back."""
 
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
 import torch
+from transformers import LlamaConfig, LlamaForCausalLM
 
-from rlhf.generation import pad_batch, truncate_after_stop
+from conftest import REPO
+from rlhf.generation import generate, pad_batch, truncate_after_stop
 
 PAD, EOS = 0, 9
 
@@ -32,3 +40,60 @@ def test_any_of_several_stop_tokens_ends_a_response():
     ids, mask, ended = truncate_after_stop(torch.tensor([[4, 8, 5]]), [EOS, 8], PAD)
     assert mask.tolist() == [[1, 1, 0]]
     assert ended.tolist() == [True]
+
+
+class NumberTokenizer:
+    """What generate() needs of a tokenizer, for a random model whose vocabulary no real tokenizer matches."""
+
+    pad_token_id, eos_token_id = PAD, EOS
+
+    def batch_decode(self, ids, skip_special_tokens=True):
+        return [" ".join(map(str, row)) for row in ids.tolist()]
+
+
+def tiny_llama(vocab: int) -> LlamaForCausalLM:
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=2, pad_token_id=PAD, eos_token_id=EOS)
+    return LlamaForCausalLM(config).eval()
+
+
+@pytest.mark.parametrize("temperature, top_p", [(1.0, 1.0), (0.7, 0.9)])
+def test_sampled_logprobs_equal_a_full_forward(temperature, top_p):
+    # A small vocabulary, so that some responses stop at EOS and the masking after it is exercised too.
+    model = tiny_llama(vocab=24)
+    prompts = [[3, 4, 5, 6], [7], [8, 3], [5, 5, 5], [6, 2, 4], [4]]
+    torch.manual_seed(0)
+    sample = generate(model, NumberTokenizer(), prompts, max_new_tokens=20, temperature=temperature, top_p=top_p,
+                      return_logprobs=True)
+    assert sample.ended.any() and not sample.ended.all()
+    assert sample.logprobs.shape == sample.response_ids.shape
+
+    ids = torch.cat([sample.prompt_ids, sample.response_ids], dim=1)
+    mask = torch.cat([sample.prompt_mask, sample.response_mask], dim=1)
+    with torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(1) - 1).clamp(min=0)).logits
+    # The distribution PPO scores: all of it at the sampling temperature, not the top-p truncation sampling drew from.
+    scaled = logits[:, sample.prompt_ids.shape[1] - 1 : -1] / temperature
+    expected = torch.log_softmax(scaled, dim=-1).gather(2, sample.response_ids.unsqueeze(-1)).squeeze(-1)
+    torch.testing.assert_close(sample.logprobs, expected * sample.response_mask, atol=1e-5, rtol=1e-5)
+    assert (sample.logprobs[sample.response_mask == 0] == 0).all()
+
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="the peak resident set is read from Linux /proc")
+def test_rollout_memory_grows_with_batch_and_steps_not_with_the_vocabulary():
+    batch, steps, vocabs = 4, 256, (1000, 50000)
+    # A fresh process (the benchmark, run small), so the resident set it measures holds nothing of other tests.
+    command = [sys.executable, str(REPO / "benchmarks" / "rollout_memory.py"), "--json", "--batch", str(batch),
+               "--steps", str(steps), "--vocab", *map(str, vocabs)]
+    run = subprocess.run(command, capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    small, large = json.loads(run.stdout.strip().splitlines()[-1])
+    for row in small, large:
+        assert row["steps"] == steps and row["logprobs_shape"] == [batch, steps]
+    # The measurement sees logits kept for every step: the former way holds (batch, steps, vocab) at least once.
+    assert large["full_logits_peak_growth_bytes"] >= large["full_logits_bytes"] == batch * steps * vocabs[1] * 4
+    # Per-step log-probs: 49,000 more tokens in the vocabulary cost at most a tenth of one such tensor
+    # (what remains is one step's logits at a time, 0.8 MB here).
+    kept_logits_difference = batch * steps * (vocabs[1] - vocabs[0]) * 4
+    assert large["peak_growth_bytes"] - small["peak_growth_bytes"] < kept_logits_difference / 10

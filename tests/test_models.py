@@ -117,3 +117,60 @@ def test_stage_with_pickled_adapter_is_refused_before_anything_loads(tmp_path, m
     with pytest.raises(ConfigError, match="holds pickle weights .adapter_model.bin.*Convert it once"):
         models.load_stage_output(read_manifest(tmp_path), ModelArgs())
     assert calls == []
+
+
+@pytest.mark.parametrize("config_pad", ["none", "eos"])
+def test_reloaded_reward_stage_scores_a_padded_batch_as_each_sequence_alone(tmp_path, config_pad):
+    import json
+
+    from transformers import AutoModelForSequenceClassification
+
+    from rlhf.manifest import Manifest, read_manifest, write_manifest
+    from rlhf.models import REWARD, load_pretrained, load_stage_output
+
+    # A reward stage as finish_stage leaves one (merged model + its tokenizer), with the config.json pad that many
+    # bases ship: missing, or the EOS. The tokenizer saved with the stage pads with its own, distinct pad.
+    merged = tmp_path / "merged"
+    tokenizer = load_tokenizer(TINY_BASE)
+    torch.manual_seed(0)
+    AutoModelForSequenceClassification.from_pretrained(TINY_BASE, num_labels=1).save_pretrained(merged)
+    tokenizer.save_pretrained(merged)
+    config = json.loads((merged / "config.json").read_text())
+    config["pad_token_id"] = None if config_pad == "none" else tokenizer.eos_token_id
+    (merged / "config.json").write_text(json.dumps(config))
+    write_manifest(Manifest(stage="reward", output_dir=str(tmp_path), base_model=TINY_BASE, merged_path="merged",
+                            extra={"head": REWARD}))
+
+    conversations = [[{"role": "user", "content": "Name a fruit."}, {"role": "assistant", "content": content}]
+                     for content in ("A ripe yellow banana from the market.", "Fig.", "An apple")]
+    texts = [tokenizer.apply_chat_template(conversation, tokenize=False) for conversation in conversations]
+    for model in (load_stage_output(read_manifest(tmp_path), ModelArgs()), load_pretrained(str(merged), ModelArgs(), REWARD)):
+        model.eval()
+        with torch.no_grad():
+            alone = torch.cat([model(**tokenizer(text, return_tensors="pt")).logits[:, 0] for text in texts])
+            batch = tokenizer(texts, padding=True, return_tensors="pt")
+            assert (batch["attention_mask"] == 0).any(), "the batch must hold padding"
+            batched = model(**batch).logits[:, 0]
+            # Alone, the score is the one at the last token (the EOS).
+            hidden = model.model(**tokenizer(texts[1], return_tensors="pt")).last_hidden_state
+            at_eos = model.score(hidden[:, -1]).squeeze()
+        torch.testing.assert_close(batched, alone, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(alone[1], at_eos, atol=1e-5, rtol=1e-5)
+        assert alone.std() > 0  # the random head tells tokens apart, so a score read elsewhere would show
+        assert model.config.pad_token_id == tokenizer.pad_token_id != tokenizer.eos_token_id
+
+
+def test_stage_rebuilt_from_its_adapter_is_trainable_like_its_merged_copy(tmp_path):
+    from peft import get_peft_model
+
+    from rlhf.manifest import Manifest, read_manifest, write_manifest
+    from rlhf.models import load_stage_output
+
+    # An SFT stage saved without a merged copy: loading it merges the adapter into the base. Full fine-tuning from
+    # it (DPO or reward with use_lora: false) needs every weight trainable, as from_pretrained leaves a merged copy.
+    model_args = ModelArgs()
+    get_peft_model(load_causal_lm(TINY_BASE, model_args), lora_config(model_args)).save_pretrained(tmp_path / "adapter")
+    write_manifest(Manifest(stage="sft", output_dir=str(tmp_path), base_model=TINY_BASE, adapter_path="adapter"))
+    model = load_stage_output(read_manifest(tmp_path), model_args)
+    assert not any("lora" in name for name, _ in model.named_parameters())  # merged: a plain model
+    assert all(parameter.requires_grad for parameter in model.parameters())

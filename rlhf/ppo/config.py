@@ -61,8 +61,14 @@ class PPOArgs(StageOutputArgs):
     kl_estimator: str = field(default="k1", metadata={"help": "k1 (log ratio) or k3 (non-negative).", "choices": ["k1", "k3"]})
     target_kl: float | None = field(default=None, metadata={"help": "Adaptive KL: target KL per sequence (None = fixed)."})
     kl_horizon: int = field(default=10000, metadata={"help": "Adaptive KL horizon (samples)."})
-    missing_eos_penalty: float | None = field(default=1.0, metadata={"help": "Subtracted from the score of responses "
-                                                                       "that never emit EOS."})
+    missing_eos_penalty: float | None = field(
+        default=1.0,
+        metadata={"help": "Subtracted from the score of each response that never emits EOS, as the last step of "
+                  "scoring: after normalize_reward and after reward_clip. Its units are therefore reward-model "
+                  "standard deviations when normalize_reward is on (raw reward-model units when off), and clipping "
+                  "never absorbs it: a truncated response scores between -(reward_clip + this) and "
+                  "reward_clip - this. null = no penalty."},
+    )
     normalize_reward: bool = field(default=True, metadata={"help": "Normalise scores with the RM manifest's mean/std."})
     reward_clip: float | None = field(default=5.0, metadata={"help": "Clip (normalised) scores to ±this."})
     whiten_rewards: bool = field(default=False, metadata={"help": "Whiten per-token rewards (keeping their mean)."})

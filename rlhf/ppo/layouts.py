@@ -146,13 +146,15 @@ class SharedBaseModels(nn.Module):
 
     @torch.no_grad()
     def scores(self, input_ids, attention_mask):
-        """Reward at the last real token of right-padded sequences."""
+        """Reward at the last real token of each sequence, left- or right-padded."""
         if self.reward_model is not None:
             return self.reward_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits[:, 0].float()
         self._use(REWARD_ADAPTER)
         position_ids = (attention_mask.cumsum(1) - 1).clamp(min=0)
         hidden = last_hidden(body_of(self.model.get_base_model()), input_ids, attention_mask, position_ids)
-        last = attention_mask.sum(1) - 1
+        # The column of the last 1 in the mask; mask.sum - 1 would land on padding when it is on the left.
+        columns = torch.arange(attention_mask.shape[1], device=attention_mask.device)
+        last = (columns * attention_mask.long()).argmax(1)
         return self.reward_head(hidden[torch.arange(len(last)), last]).squeeze(-1).float()
 
     @torch.no_grad()

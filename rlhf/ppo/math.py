@@ -45,6 +45,9 @@ def last_token_index(mask: torch.Tensor) -> torch.Tensor:
 
 # ----------------------------------------------------------------------------------------------- rewards
 
+K3_LOG_RATIO_CLAMP = 10.0
+
+
 def kl_estimate(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: str = "k1") -> torch.Tensor:
     """Per-token estimate of KL(policy || reference) from samples of the policy.
     k1 = log p - log q (unbiased, can be negative); k3 = (q/p - 1) - log(q/p) (unbiased, always >= 0)."""
@@ -52,6 +55,9 @@ def kl_estimate(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: s
     if estimator == "k1":
         return log_ratio
     if estimator == "k3":
+        # exp(-log_ratio) explodes for a token the policy made far less likely than the reference (-20 gives 4.9e8
+        # and one such token swamps the batch); clamp the ratio as OpenRLHF does.
+        log_ratio = log_ratio.clamp(-K3_LOG_RATIO_CLAMP, K3_LOG_RATIO_CLAMP)
         return torch.expm1(-log_ratio) + log_ratio
     raise ValueError(f"kl estimator must be 'k1' or 'k3', got {estimator!r}")
 
@@ -59,9 +65,10 @@ def kl_estimate(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: s
 def shape_scores(scores: torch.Tensor, ended: torch.Tensor, missing_eos_penalty: float | None = None,
                  reward_mean: float | None = None, reward_std: float | None = None,
                  clip: float | None = None) -> torch.Tensor:
-    """Sequence scores from the reward model, made ready for PPO: normalised with the reward model's own training
-    statistics, clipped, and penalised when the response never produced EOS (truncated text is not a finished
-    answer and must not be rewarded as one)."""
+    """Sequence scores from the reward model, made ready for PPO, in this order: normalised with the reward model's
+    own training statistics, clipped, then penalised when the response never produced EOS (truncated text is not a
+    finished answer and must not be rewarded as one). The penalty comes last so that clipping cannot absorb it, and
+    it is in the units of the scores at that point (reward-model standard deviations once normalised)."""
     scores = scores.float()
     if reward_mean is not None and reward_std is not None:
         scores = (scores - reward_mean) / max(reward_std, 1e-8)
@@ -106,14 +113,23 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: 
 
 # ----------------------------------------------------------------------------------------------- losses
 
+def token_mean(values: torch.Tensor, mask: torch.Tensor, token_count: torch.Tensor | float | None = None):
+    """Mean over real tokens; with token_count, the sum over these tokens divided by token_count, so the pieces of a
+    batch split into micro-batches (and processes) add up to the mean over the whole batch."""
+    if token_count is None:
+        return masked_mean(values, mask)
+    return (values * mask).sum() / token_count
+
+
 def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
-                clip_range: float = 0.2) -> tuple[torch.Tensor, dict]:
-    """Clipped surrogate: mean over tokens of max(-A r, -A clip(r, 1-e, 1+e)), r = pi/pi_old."""
+                clip_range: float = 0.2, token_count=None) -> tuple[torch.Tensor, dict]:
+    """Clipped surrogate: mean over tokens of max(-A r, -A clip(r, 1-e, 1+e)), r = pi/pi_old (see token_mean for
+    token_count)."""
     log_ratio = (logprobs - old_logprobs) * mask
     ratio = torch.exp(log_ratio)
     unclipped = -advantages * ratio
     clipped = -advantages * ratio.clamp(1.0 - clip_range, 1.0 + clip_range)
-    loss = masked_mean(torch.maximum(unclipped, clipped), mask)
+    loss = token_mean(torch.maximum(unclipped, clipped), mask, token_count)
     with torch.no_grad():
         stats = {
             "policy/clipfrac": masked_mean((clipped > unclipped).float(), mask).item(),
@@ -124,12 +140,13 @@ def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: 
 
 
 def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor,
-               clip_range_value: float = 0.2) -> tuple[torch.Tensor, dict]:
-    """Clipped value loss: 0.5 * mean over tokens of max((V - R)^2, (V_old + clip(V - V_old, ±e) - R)^2)."""
+               clip_range_value: float = 0.2, token_count=None) -> tuple[torch.Tensor, dict]:
+    """Clipped value loss: 0.5 * mean over tokens of max((V - R)^2, (V_old + clip(V - V_old, ±e) - R)^2) (see
+    token_mean for token_count)."""
     clipped_values = old_values + (values - old_values).clamp(-clip_range_value, clip_range_value)
     unclipped_error = (values - returns) ** 2
     clipped_error = (clipped_values - returns) ** 2
-    loss = 0.5 * masked_mean(torch.maximum(unclipped_error, clipped_error), mask)
+    loss = 0.5 * token_mean(torch.maximum(unclipped_error, clipped_error), mask, token_count)
     with torch.no_grad():
         stats = {"value/clipfrac": masked_mean((clipped_error > unclipped_error).float(), mask).item()}
     return loss, stats

@@ -104,7 +104,7 @@ def collect(models, tokenizer, reward_tokenizer, prompts: list[list[dict]], prom
     start = time.perf_counter()
     from_generation = args.logprobs_from_generation
     sample = generate(models, tokenizer, prompt_ids, max_new_tokens=args.max_new_tokens,
-                      temperature=args.temperature, top_p=args.top_p, return_logits=from_generation,
+                      temperature=args.temperature, top_p=args.top_p, return_logprobs=from_generation,
                       step_head=models.value_head if from_generation and models.shared_critic else None)
     generated = time.perf_counter()
 
@@ -115,7 +115,7 @@ def collect(models, tokenizer, reward_tokenizer, prompts: list[list[dict]], prom
     )
     rows = slice(None)
     if from_generation:
-        rollout.logprobs, _ = sampled_logprobs(sample.logits, rollout, rows, args.temperature)
+        rollout.logprobs = sample.logprobs  # already 0 after the first EOS
         rollout.values = (sample.head_outputs * rollout.response_mask if models.shared_critic
                           else value_predictions(models, rollout, rows, grad=False))
     else:

@@ -6,8 +6,8 @@
 Each iteration: sample responses to a batch of prompts (KV cache, left-padded prompts, cut after the first EOS),
 score them with the reward model at the last real token, add a per-token KL penalty against the reference (the SFT
 policy), estimate advantages with GAE, then run several epochs of clipped policy and value updates. With several
-processes each holds rollout_batch_size prompts; gradients are averaged and whitening uses global statistics, so
-the update equals one process holding the whole batch.
+processes each holds rollout_batch_size prompts; losses are token-means over the global mini-batch, gradients are
+summed and whitening uses global statistics, so the update equals one process holding the whole batch.
 """
 
 from __future__ import annotations
@@ -34,7 +34,8 @@ ARG_TYPES = (ModelArgs, DataArgs, PPOArgs)
 
 
 class Distributed:
-    """The few collective operations PPO needs, as no-ops in a single process."""
+    """The few collective operations PPO needs, as no-ops in a single process. Gradients and parameters travel as
+    one flat buffer each, one collective per optimizer step rather than one per tensor."""
 
     def __init__(self, accelerator):
         self.accelerator = accelerator
@@ -49,26 +50,36 @@ class Distributed:
         return (self.sum(torch.tensor(float(value), device=self.accelerator.device)) / self.world).item()
 
     def masked_stats(self, values: torch.Tensor, mask: torch.Tensor):
-        """Global (mean, unbiased variance) of values over every process's real tokens."""
-        totals = self.sum(torch.stack([(values * mask).sum(), (values ** 2 * mask).sum(), mask.sum()]).double())
-        total, total_sq, count = totals.tolist()
+        """Global (mean, unbiased variance) of values over every process's real tokens. Summed in float64: with a
+        large mean, E[x^2] - E[x]^2 in float32 loses most of the variance's digits."""
+        values, mask = values.double(), mask.double()
+        total, total_sq, count = self.sum(torch.stack([(values * mask).sum(), (values ** 2 * mask).sum(),
+                                                       mask.sum()])).tolist()
         mean = total / count
         variance = (total_sq / count - mean ** 2) * count / max(count - 1, 1)
-        return torch.tensor(mean, dtype=values.dtype), torch.tensor(max(variance, 0.0), dtype=values.dtype)
+        return torch.tensor(mean, dtype=torch.float32), torch.tensor(max(variance, 0.0), dtype=torch.float32)
 
-    def average_gradients(self, parameters) -> None:
+    def sum_gradients(self, parameters) -> None:
+        """Add up every process's gradients (each process's losses are already divided by the global token count)."""
         if self.world == 1:
             return
         for parameter in parameters:
-            if parameter.grad is not None:
-                torch.distributed.all_reduce(parameter.grad, op=torch.distributed.ReduceOp.SUM)
-                parameter.grad /= self.world
+            if parameter.grad is None:  # unused this step on this process: still take part in the sum
+                parameter.grad = torch.zeros_like(parameter)
+        grads = [parameter.grad for parameter in parameters]
+        flat = torch._utils._flatten_dense_tensors(grads)
+        torch.distributed.all_reduce(flat, op=torch.distributed.ReduceOp.SUM)
+        for grad, total in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads)):
+            grad.copy_(total)
 
     def broadcast_parameters(self, parameters) -> None:
         if self.world == 1:
             return
-        for parameter in parameters:
-            torch.distributed.broadcast(parameter.data, src=0)
+        tensors = [parameter.data for parameter in parameters]
+        flat = torch._utils._flatten_dense_tensors(tensors)
+        torch.distributed.broadcast(flat, src=0)
+        for tensor, value in zip(tensors, torch._utils._unflatten_dense_tensors(flat, tensors)):
+            tensor.copy_(value)
 
 
 def prompt_batches(n_prompts: int, per_process: int, world: int, rank: int, seed: int, step: int) -> list[int]:
@@ -84,44 +95,50 @@ def prompt_batches(n_prompts: int, per_process: int, world: int, rank: int, seed
 
 
 def update(models, optimizer, rollout: Rollout, args: PPOArgs, distributed: Distributed, generator) -> dict:
-    """ppo_epochs passes of clipped policy + value updates over the rollout, in mini-batches."""
+    """ppo_epochs passes of clipped policy + value updates over the rollout, in mini-batches of mini_batch_size rows
+    per process. Each loss is the token-mean over the whole global mini-batch: a micro-batch's token sum is divided
+    by the mini-batch's token count over every process, and the processes' gradients are summed. So the update is
+    the same whether one process holds the batch whole or several hold parts of it, with or without accumulation."""
     parameters = [p for group in optimizer.param_groups for p in group["params"]]
     batch_size = rollout.response_ids.shape[0]
-    micro_size = max(1, args.mini_batch_size // args.gradient_accumulation_steps)
+    micro_size = args.mini_batch_size // args.gradient_accumulation_steps
     stats: dict[str, list[float]] = {}
     for _ in range(args.ppo_epochs):
         order = torch.randperm(batch_size, generator=generator)
         for start in range(0, batch_size, args.mini_batch_size):
             mini_batch = order[start : start + args.mini_batch_size]
-            micro_batches = mini_batch.split(micro_size)
-            for rows in micro_batches:
+            tokens = distributed.sum(rollout.response_mask[mini_batch].sum()).clamp(min=1)
+            for rows in mini_batch.split(micro_size):
                 mask = rollout.response_mask[rows]
+
                 def policy_objective(logprobs):
                     return ppo_math.policy_loss(logprobs, rollout.logprobs[rows], rollout.advantages[rows], mask,
-                                                args.cliprange)
+                                                args.cliprange, tokens)
 
                 def value_objective(values):
                     return ppo_math.value_loss(values, rollout.values[rows], rollout.returns[rows], mask,
-                                               args.cliprange_value)
+                                               args.cliprange_value, tokens)
 
                 if models.shared_critic:  # one forward gives both, so one backward of the summed loss
                     logprobs, logits, values = policy_logprobs_and_values(models, rollout, rows, args.temperature, grad=True)
                     (pg_loss, pg_stats), (vf_loss, vf_stats) = policy_objective(logprobs), value_objective(values)
-                    ((pg_loss + args.vf_coef * vf_loss) / len(micro_batches)).backward()
+                    (pg_loss + args.vf_coef * vf_loss).backward()
                 else:
                     # Policy and value share no trainable parameter, so backpropagating their losses one after the
                     # other gives the gradients of the summed loss with one graph's activations alive at a time.
                     logprobs, logits = policy_logprobs(models, rollout, rows, args.temperature, grad=True)
                     pg_loss, pg_stats = policy_objective(logprobs)
-                    (pg_loss / len(micro_batches)).backward()
+                    pg_loss.backward()
                     vf_loss, vf_stats = value_objective(value_predictions(models, rollout, rows, grad=True))
-                    (args.vf_coef * vf_loss / len(micro_batches)).backward()
+                    (args.vf_coef * vf_loss).backward()
                 with torch.no_grad():
                     entropy = ppo_math.masked_mean(ppo_math.entropy_from_logits(logits), mask).item()
-                for key, value in {**pg_stats, **vf_stats, "loss/policy": pg_loss.item(), "loss/value": vf_loss.item(),
-                                   "policy/entropy": entropy}.items():
+                # Logged as this micro-batch's own token-means, comparable whatever the split.
+                share = tokens.item() / max(mask.sum().item(), 1)
+                for key, value in {**pg_stats, **vf_stats, "loss/policy": pg_loss.item() * share,
+                                   "loss/value": vf_loss.item() * share, "policy/entropy": entropy}.items():
                     stats.setdefault(key, []).append(value)
-            distributed.average_gradients(parameters)
+            distributed.sum_gradients(parameters)
             grad_norm = torch.nn.utils.clip_grad_norm_(parameters, args.max_grad_norm)
             stats.setdefault("grad_norm", []).append(grad_norm.item())
             optimizer.step()

@@ -52,6 +52,26 @@ def test_scores_normalised_clipped_and_penalised_without_eos():
     close(scores, [2.0, -3.0, 0.0])
 
 
+def test_missing_eos_penalty_comes_after_normalising_and_clipping_as_its_help_says():
+    import dataclasses
+
+    from rlhf.ppo.config import PPOArgs
+
+    help_text = next(f for f in dataclasses.fields(PPOArgs) if f.name == "missing_eos_penalty").metadata["help"]
+    assert "after normalize_reward and after reward_clip" in help_text
+    assert "reward-model standard deviations when normalize_reward is on" in help_text
+    assert "-(reward_clip + this)" in help_text
+
+    raw, ended = T([12.0, -8.0, 3.0, 3.0]), T([False, False, True, False])
+    scores = shape_scores(raw, ended, missing_eos_penalty=1.5, reward_mean=2.0, reward_std=2.0, clip=4.0)
+    # (s - 2) / 2 = [5, -5, 0.5, 0.5] -> clip ±4 = [4, -4, 0.5, 0.5] -> -1.5 where no EOS (1.5 standard deviations).
+    # Penalising before the clip would give [2.5, -4, ...]: the clip would swallow the second response's penalty.
+    close(scores, [2.5, -5.5, 0.5, -1.0])
+    # normalize_reward off: the same penalty in raw reward-model units, still after the clip.
+    close(shape_scores(raw, ended, missing_eos_penalty=1.5, clip=4.0), [2.5, -5.5, 3.0, 1.5])
+    close(shape_scores(raw, ended, missing_eos_penalty=None, clip=4.0), [4.0, -4.0, 3.0, 3.0])
+
+
 def test_gae_by_hand():
     advantages, returns = gae(T([[0.0, 0.0, 1.0]]), T([[0.5, 0.6, 0.7]]), T([[1, 1, 1]]), gamma=1.0, lam=0.5)
     # t2: delta = 1 + 0 - 0.7 = 0.3 ; t1: 0 + 0.7 - 0.6 = 0.1, A = 0.1 + 0.5*0.3 = 0.25
@@ -118,3 +138,45 @@ def test_entropy_explained_variance_and_masked_mean():
     assert explained_variance(returns, returns, mask) == pytest.approx(1.0)
     assert explained_variance(torch.full_like(returns, 2.0), returns, mask) == pytest.approx(0.0)
     assert masked_mean(T([[1.0, 3.0, 100.0]]), T([[1, 1, 0]])).item() == 2.0
+
+
+def test_k3_is_clamped_for_tokens_the_policy_made_far_less_likely():
+    policy, reference = torch.tensor([[-21.0, -1.0]]), torch.tensor([[-1.0, -21.0]])
+    k3 = kl_estimate(policy, reference, "k3")
+    # log-ratio -20 would give e^20 - 21 = 4.85e8; clamped at -10: e^10 - 11. +20 clamps to +10: e^-10 + 9.
+    assert k3[0, 0].item() == pytest.approx(math.exp(10) - 11, rel=1e-6)
+    assert k3[0, 1].item() == pytest.approx(math.exp(-10) + 9, rel=1e-6)
+
+
+def test_losses_with_a_global_token_count_add_up_over_micro_batches():
+    """Two micro-batches of 1 and 3 real tokens: their losses, each divided by the 4 tokens of the whole batch, add
+    up to the token-mean of the whole batch (the mean of the two micro-batch means would not)."""
+    logprobs = torch.tensor([[-1.0, 0.0, 0.0], [-0.5, -0.2, -0.9]])
+    old = torch.tensor([[-1.2, 0.0, 0.0], [-0.4, -0.3, -0.7]])
+    advantages = torch.tensor([[1.0, 0.0, 0.0], [-0.5, 2.0, 0.3]])
+    mask = torch.tensor([[1.0, 0.0, 0.0], [1.0, 1.0, 1.0]])
+    whole, _ = policy_loss(logprobs, old, advantages, mask)
+    parts = [policy_loss(logprobs[rows], old[rows], advantages[rows], mask[rows], token_count=4.0)[0]
+             for rows in (slice(0, 1), slice(1, 2))]
+    assert (parts[0] + parts[1]).item() == pytest.approx(whole.item(), abs=1e-7)
+    means = [policy_loss(logprobs[rows], old[rows], advantages[rows], mask[rows])[0] for rows in (slice(0, 1), slice(1, 2))]
+    assert abs((means[0] + means[1]).item() / 2 - whole.item()) > 1e-2
+    values, returns = torch.tensor([[0.5, 0.0, 0.0], [0.1, 0.2, 0.3]]), torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.5]])
+    whole_value, _ = value_loss(values, values, returns, mask)
+    value_parts = [value_loss(values[rows], values[rows], returns[rows], mask[rows], token_count=4.0)[0]
+                   for rows in (slice(0, 1), slice(1, 2))]
+    assert (value_parts[0] + value_parts[1]).item() == pytest.approx(whole_value.item(), abs=1e-7)
+
+
+def test_global_whitening_statistics_keep_their_digits_at_a_large_mean():
+    from types import SimpleNamespace
+
+    from rlhf.ppo.trainer import Distributed
+
+    generator = torch.Generator().manual_seed(0)
+    values = 1000.0 + torch.randn(64, 48, generator=generator)
+    mask = torch.ones_like(values)
+    mean, variance = Distributed(SimpleNamespace(num_processes=1, device="cpu")).masked_stats(values, mask)
+    exact = values.double()
+    assert mean.item() == pytest.approx(exact.mean().item(), rel=1e-7)
+    assert variance.item() == pytest.approx(exact.var().item(), rel=1e-4)

@@ -51,3 +51,24 @@ def test_recomputed_logprobs_agree_with_the_generation_ones(sft_run, lora_reward
     assert torch.equal(rollouts[True].response_ids, rollouts[False].response_ids)
     torch.testing.assert_close(rollouts[True].logprobs, rollouts[False].logprobs, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(rollouts[True].values, rollouts[False].values, atol=1e-5, rtol=1e-5)
+
+
+def test_shared_reward_adapter_scores_the_last_real_token_on_either_padding_side(sft_run, lora_reward_run):
+    from rlhf.generation import pad_batch
+    from rlhf.ppo.rollout import render_for_reward
+
+    models = build_models("shared", sft_run, lora_reward_run, ModelArgs(), value_init="reward").eval()
+    assert models.reward_model is None  # the reward adapter + head on the shared base: the path under test
+    tokenizer = stage_tokenizer(lora_reward_run, ModelArgs())
+    prompts = [record["prompt"] for record in load_prompts(str(TINY_DATA / "prompts_test.jsonl"))[:3]]
+    right_ids, right_mask = render_for_reward(tokenizer, prompts, ["A long and careful answer, with detail.", "Ok.", "No"])
+    lengths = right_mask.sum(1)
+    assert len(set(lengths.tolist())) == 3  # different lengths: the shorter rows carry padding
+    sequences = [row[:length].tolist() for row, length in zip(right_ids, lengths)]
+    left_ids, left_mask = pad_batch(sequences, tokenizer.pad_token_id, side="left")
+
+    alone = torch.cat([models.scores(torch.tensor([sequence]), torch.ones(1, len(sequence), dtype=torch.long))
+                       for sequence in sequences])
+    assert alone.std() > 0
+    torch.testing.assert_close(models.scores(right_ids, right_mask), alone, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(models.scores(left_ids, left_mask), alone, atol=1e-5, rtol=1e-5)

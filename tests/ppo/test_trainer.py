@@ -125,12 +125,14 @@ def test_separate_layout_runs_and_says_so(sft_run, reward_run, tmp_path):
 
 def test_two_processes_match_one(sft_run, reward_run, tmp_path):
     common = ["-m", "rlhf.ppo", "--config", "recipes/tiny/ppo.yaml", "--init_from", sft_run.output_dir,
-              "--reward_model", reward_run.output_dir, "--steps", "2", "--mini_batch_size", "4", "--ppo_epochs", "1",
+              "--reward_model", reward_run.output_dir, "--steps", "2", "--ppo_epochs", "1",
               "--max_new_tokens", "24", "--gold_eval_prompts", "", "--save_merged", "false"]
-    runs = {"one": ("cpu.yaml", "16"), "two": ("cpu_2proc.yaml", "8")}  # same global batch of 16 prompts
-    for name, (config, per_process) in runs.items():
+    # Same global batch of 16 prompts and global mini-batch of 4: the same number of optimizer steps.
+    runs = {"one": ("cpu.yaml", "16", "4"), "two": ("cpu_2proc.yaml", "8", "2")}
+    for name, (config, per_process, mini_batch) in runs.items():
         command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", f"recipes/accelerate/{config}",
-                   *common, "--rollout_batch_size", per_process, "--output_dir", str(tmp_path / name)]
+                   *common, "--rollout_batch_size", per_process, "--mini_batch_size", mini_batch,
+                   "--output_dir", str(tmp_path / name)]
         result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=900,
                                 env={**os.environ, "ACCELERATE_USE_CPU": "1"})
         assert result.returncode == 0, result.stderr[-3000:]
@@ -224,3 +226,74 @@ def test_prompts_longer_than_max_prompt_length_follow_the_length_policy(sft_run,
     assert len(prompts) == len(ids) == 1 and "1 of 2 prompts" in messages[-1]
     prompts, ids = fit("truncate")
     assert len(ids) == 2 and len(ids[1]) == 64 and len(ids[0]) < 64 and "keeping their last 64" in messages[-1]
+
+
+def saved_rollout(sft_run, reward_run, path, n_prompts=8):
+    """A real rollout of the tiny policy on n_prompts prompts, with advantages, saved for update_worker.py."""
+    from rlhf.data import load_prompts
+    from rlhf.generation import encode_prompts
+    from rlhf.ppo import math as ppo_math
+    from rlhf.ppo.config import PPOArgs
+    from rlhf.ppo.rollout import collect, finish_advantages
+
+    torch.manual_seed(0)
+    models = build_models("shared", read_manifest(sft_run.output_dir), read_manifest(reward_run.output_dir),
+                          ModelArgs(), "policy").eval()
+    tokenizer = stage_tokenizer(read_manifest(sft_run.output_dir), ModelArgs())
+    prompts = [record["prompt"] for record in load_prompts(str(TINY_DATA / "prompts_test.jsonl"))[:n_prompts]]
+    args = PPOArgs(output_dir="unused", reward_model=reward_run.output_dir, rollout_batch_size=n_prompts,
+                   mini_batch_size=n_prompts, max_new_tokens=16)
+    rollout = collect(models, tokenizer, stage_tokenizer(read_manifest(reward_run.output_dir), ModelArgs()), prompts,
+                      encode_prompts(tokenizer, prompts), args, 0.05, None)
+    finish_advantages(rollout, args, lambda values, mask: (ppo_math.masked_mean(values, mask),
+                                                           ppo_math.masked_var(values, mask)))
+    assert len({int(length) for length in rollout.response_mask.sum(1)}) > 1  # ragged: token-means differ per row
+    torch.save(dict(rollout.__dict__), path)
+    return path
+
+
+def test_update_is_the_same_whether_one_process_holds_the_batch_or_two_share_it(sft_run, reward_run, tmp_path):
+    """The same rollout batch, one process holding all 8 rows or two holding 4 each, same optimizer steps (one
+    mini-batch per epoch, 2 epochs): equal trainable parameters, with and without gradient accumulation. Before the
+    losses were token-means over the global mini-batch, micro-batch and per-process means made these differ."""
+    sys.path.insert(0, str(REPO / "tests" / "ppo"))
+    from update_worker import run
+
+    rollout = saved_rollout(sft_run, reward_run, tmp_path / "rollout.pt")
+    worker = str(REPO / "tests" / "ppo" / "update_worker.py")
+    for accumulation in (1, 2):
+        whole, shared = tmp_path / f"whole{accumulation}.pt", tmp_path / f"shared{accumulation}.pt"
+        run(sft_run.output_dir, reward_run.output_dir, str(rollout), str(whole), 8, accumulation)
+        command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+                   "recipes/accelerate/cpu_2proc.yaml", "--main_process_port", "29623", worker, sft_run.output_dir,
+                   reward_run.output_dir, str(rollout), str(shared), "4", str(accumulation)]
+        result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600,
+                                env={**os.environ, "ACCELERATE_USE_CPU": "1"})
+        assert result.returncode == 0, result.stderr[-3000:]
+        one, two = torch.load(whole), torch.load(shared)
+        start = trainable_start(sft_run, reward_run)
+        assert max((one[name] - start[name]).abs().max().item() for name in one) > 1e-4  # the update moved them
+        for name in one:
+            assert torch.allclose(one[name], two[name], atol=1e-5, rtol=0), (accumulation, name)
+
+
+def trainable_start(sft_run, reward_run):
+    from rlhf.ppo.trainer import trainable_state
+
+    torch.manual_seed(0)
+    return trainable_state(build_models("shared", read_manifest(sft_run.output_dir),
+                                        read_manifest(reward_run.output_dir), ModelArgs(), "policy"))
+
+
+def test_gradient_accumulation_does_not_change_the_update(sft_run, reward_run, tmp_path):
+    """Micro-batches with different token counts: the loss is still the token-mean of the whole mini-batch."""
+    sys.path.insert(0, str(REPO / "tests" / "ppo"))
+    from update_worker import run
+
+    rollout = saved_rollout(sft_run, reward_run, tmp_path / "rollout.pt")
+    for accumulation in (1, 4):
+        run(sft_run.output_dir, reward_run.output_dir, str(rollout), str(tmp_path / f"{accumulation}.pt"), 8,
+            accumulation)
+    one, four = torch.load(tmp_path / "1.pt"), torch.load(tmp_path / "4.pt")
+    for name in one:
+        assert torch.allclose(one[name], four[name], atol=1e-5, rtol=0), name

@@ -1,0 +1,41 @@
+"""One PPO update on a saved rollout, as rank r of N processes holding rows [r*n/N, (r+1)*n/N) of it. The parity test
+in test_trainer.py runs it in-process (one process, the whole batch) and under `accelerate launch` (two processes).
+
+    python update_worker.py SFT_DIR REWARD_DIR ROLLOUT OUT MINI_BATCH_SIZE GRADIENT_ACCUMULATION_STEPS
+"""
+
+import sys
+
+import torch
+
+
+def run(sft_dir: str, reward_dir: str, rollout_path: str, out_path: str, mini_batch_size: int, accumulation: int):
+    from accelerate import Accelerator
+
+    from rlhf.config import ModelArgs
+    from rlhf.manifest import read_manifest
+    from rlhf.ppo.config import PPOArgs
+    from rlhf.ppo.layouts import build_models
+    from rlhf.ppo.rollout import Rollout
+    from rlhf.ppo.trainer import Distributed, trainable_state, update
+
+    accelerator = Accelerator()
+    rank, world = accelerator.process_index, accelerator.num_processes
+    saved = torch.load(rollout_path, weights_only=False)
+    n = saved["response_ids"].shape[0]
+    rows = slice(rank * n // world, (rank + 1) * n // world)
+    rollout = Rollout(**{key: value[rows] if isinstance(value, torch.Tensor) else value for key, value in saved.items()})
+    args = PPOArgs(output_dir="unused", reward_model=reward_dir, rollout_batch_size=n // world,
+                   mini_batch_size=mini_batch_size, gradient_accumulation_steps=accumulation, ppo_epochs=2)
+    torch.manual_seed(0)
+    models = build_models("shared", read_manifest(sft_dir), read_manifest(reward_dir), ModelArgs(), "policy").eval()
+    trainable = models.policy_parameters() + models.value_parameters()
+    optimizer = torch.optim.AdamW(trainable, lr=1e-3)
+    update(models, optimizer, rollout, args, Distributed(accelerator), torch.Generator().manual_seed(0))
+    if accelerator.is_main_process:
+        torch.save(trainable_state(models), out_path)
+
+
+if __name__ == "__main__":
+    sft_dir, reward_dir, rollout_path, out_path, mini_batch_size, accumulation = sys.argv[1:7]
+    run(sft_dir, reward_dir, rollout_path, out_path, int(mini_batch_size), int(accumulation))
