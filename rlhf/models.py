@@ -112,6 +112,9 @@ def load_pretrained(path: str, model_args: ModelArgs, head: str = CAUSAL_LM, pad
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     check_model_path(path)
+    # A local folder is loaded by its absolute path: config._name_or_path becomes the base_model_name_or_path of
+    # every adapter saved from this model, and a relative one would not load from any other working directory.
+    path = str(Path(path).resolve()) if Path(path).is_dir() else path
     kwargs = dict(dtype=torch_dtype(model_args.dtype), trust_remote_code=model_args.trust_remote_code, use_safetensors=True)
     if model_args.attn_implementation:
         kwargs["attn_implementation"] = model_args.attn_implementation

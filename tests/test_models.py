@@ -1,5 +1,7 @@
 """Model loading: pad != eos, safetensors only (models and adapters), clear errors for folders that are not models."""
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -174,3 +176,17 @@ def test_stage_rebuilt_from_its_adapter_is_trainable_like_its_merged_copy(tmp_pa
     model = load_stage_output(read_manifest(tmp_path), model_args)
     assert not any("lora" in name for name, _ in model.named_parameters())  # merged: a plain model
     assert all(parameter.requires_grad for parameter in model.parameters())
+
+
+def test_saved_adapter_loads_from_any_working_directory(sft_run, tmp_path, monkeypatch):
+    """peft records the base as the model's _name_or_path; it must not be relative to where the stage ran."""
+    import json
+
+    from peft import AutoPeftModelForCausalLM
+
+    adapter = Path(sft_run.path(sft_run.adapter_path))
+    base = json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"]
+    assert Path(base).is_absolute() and (Path(base) / "config.json").is_file()
+    monkeypatch.chdir(tmp_path)
+    model = AutoPeftModelForCausalLM.from_pretrained(str(adapter))
+    assert model.peft_config["default"].base_model_name_or_path == base
