@@ -38,7 +38,11 @@ class PPOArgs(StageOutputArgs):
     gradient_accumulation_steps: int = field(default=1, metadata={"help": "Micro-batches per mini-batch."})
     ppo_epochs: int = field(default=4, metadata={"help": "Passes over each rollout batch."})
     learning_rate: float = field(default=1e-3, metadata={"help": "AdamW learning rate (policy and value)."})
-    lr_scheduler: str = field(default="linear", metadata={"help": "constant or linear decay to 0.", "choices": ["constant", "linear"]})
+    lr_scheduler: str = field(
+        default="linear", metadata={"help": "Learning-rate schedule over `steps` (transformers.get_scheduler): "
+                                    "constant, linear decay to 0, or cosine; each after warmup_steps of linear warmup.",
+                                    "choices": ["constant", "linear", "cosine"]})
+    warmup_steps: int = field(default=0, metadata={"help": "Iterations of linear learning-rate warmup from 0."})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay."})
     max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping norm."})
     # Rollout
@@ -81,6 +85,8 @@ class PPOArgs(StageOutputArgs):
     vf_coef: float = field(default=0.1, metadata={"help": "Value loss weight."})
     # Output
     save_steps: int = field(default=10, metadata={"help": "Checkpoint every N iterations (0 = only at the end)."})
+    save_total_limit: int | None = field(
+        default=None, metadata={"help": "Keep only the newest N checkpoints in <output_dir>/checkpoints (null = all)."})
     logging_steps: int = field(default=1, metadata={"help": "Log every N iterations."})
     save_merged: bool = field(default=True, metadata={"help": "Also write <output_dir>/merged."})
     seed: int = field(default=42, metadata={"help": "Seed for prompt order, sampling and initialisation."})
@@ -97,7 +103,12 @@ class PPOArgs(StageOutputArgs):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ConfigError(f"ppo: {name}: expected an integer >= 1, got {value!r}")
-        for name in ("save_steps", "logging_steps"):
+        if self.save_total_limit is not None and self.save_total_limit < 1:
+            raise ConfigError(f"ppo: save_total_limit: expected an integer >= 1 (or null to keep all), got "
+                              f"{self.save_total_limit!r}")
+        if self.warmup_steps >= self.steps:
+            raise ConfigError(f"ppo: warmup_steps ({self.warmup_steps}) must be below steps ({self.steps})")
+        for name in ("save_steps", "logging_steps", "warmup_steps"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"ppo: {name}: expected an integer >= 0 (0 = off), got {getattr(self, name)!r}")
         bounds = {"learning_rate": (0, None, "a number >= 0"), "weight_decay": (0, None, "a number >= 0"),

@@ -236,6 +236,16 @@ def truncate_metrics_log(path: Path, last_step: int) -> None:
         atomic_write(path, "".join(json.dumps(row) + "\n" for row in kept))
 
 
+def rotate_checkpoints(checkpoint_root: Path, keep: int | None) -> None:
+    """Delete all but the newest `keep` complete checkpoints (the newest is what a resume needs)."""
+    import shutil
+
+    if keep:
+        done = sorted(path for path in checkpoint_root.glob("step-*") if (path / "state.json").is_file())
+        for old in done[:-keep]:
+            shutil.rmtree(old)
+
+
 def latest_checkpoint(checkpoint_root: Path) -> Path | None:
     done = sorted(path for path in checkpoint_root.glob("step-*") if (path / "state.json").is_file())
     return done[-1] if done else None
@@ -314,8 +324,10 @@ def main(argv: list[str] | None = None):
     trainable = models.policy_parameters() + models.value_parameters()
     distributed.broadcast_parameters(trainable)
     optimizer = torch.optim.AdamW(trainable, lr=args.learning_rate, weight_decay=args.weight_decay)
-    schedule = (lambda step: 1.0) if args.lr_scheduler == "constant" else (lambda step: 1.0 - step / args.steps)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    from transformers import get_scheduler
+
+    scheduler = get_scheduler("constant_with_warmup" if args.lr_scheduler == "constant" else args.lr_scheduler,
+                              optimizer, num_warmup_steps=args.warmup_steps, num_training_steps=args.steps)
     kl_control = ppo_math.kl_controller(args.kl_coef, args.target_kl, args.kl_horizon)
 
     # Resume
@@ -371,6 +383,7 @@ def main(argv: list[str] | None = None):
             accelerator.print(" ".join(f"{key}={value:.4g}" for key, value in metrics.items() if not key.startswith("time")))
         if args.save_steps and (step + 1) % args.save_steps == 0 and step + 1 < args.steps and accelerator.is_main_process:
             save_checkpoint(models, optimizer, step + 1, kl_control.value, checkpoint_root)
+            rotate_checkpoints(checkpoint_root, args.save_total_limit)
         accelerator.wait_for_everyone()
 
     # Save: the policy adapter (plain LoRA folder), the value adapter + head for further training, then the manifest.
@@ -381,6 +394,7 @@ def main(argv: list[str] | None = None):
     models.policy_for_saving().save_pretrained(output_dir / "adapter", selected_adapters=[POLICY])
     tokenizer.save_pretrained(output_dir / "adapter")
     save_checkpoint(models, optimizer, args.steps, kl_control.value, checkpoint_root)
+    rotate_checkpoints(checkpoint_root, args.save_total_limit)
     logged = read_metrics_log(log_path)  # every step once, whether or not the run was resumed
     metrics = {"steps": args.steps, "first": logged[0] if logged else {}, "last": logged[-1] if logged else {}}
     manifest = write_stage(

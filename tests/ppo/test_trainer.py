@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from conftest import REPO, TINY_DATA
@@ -297,3 +298,13 @@ def test_gradient_accumulation_does_not_change_the_update(sft_run, reward_run, t
     one, four = torch.load(tmp_path / "1.pt"), torch.load(tmp_path / "4.pt")
     for name in one:
         assert torch.allclose(one[name], four[name], atol=1e-5, rtol=0), name
+
+
+def test_warmup_cosine_schedule_and_checkpoint_limit(sft_run, reward_run, tmp_path):
+    output_dir = tmp_path / "schedule"
+    short_run(sft_run, reward_run, output_dir, "--steps", "4", "--save_steps", "1", "--save_total_limit", "2",
+              "--lr_scheduler", "cosine", "--warmup_steps", "1", "--learning_rate", "1e-3")
+    # One warmup step from 0, then half a cosine over the 3 remaining: 1, (1 + cos(pi/3))/2, (1 + cos(2pi/3))/2.
+    lrs = [row["lr"] for row in metrics_lines(output_dir)]
+    assert lrs == pytest.approx([0.0, 1e-3, 7.5e-4, 2.5e-4])
+    assert sorted(path.name for path in (output_dir / "checkpoints").glob("step-*")) == ["step-000003", "step-000004"]
