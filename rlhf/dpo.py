@@ -25,7 +25,6 @@ from rlhf.stage import (
     load_gold_prompts,
     open_trl_output,
     stage_callbacks,
-    start_tokenizer,
     start_trl_stage,
     training_metrics,
 )
@@ -51,6 +50,7 @@ def main(argv: list[str] | None = None):
 
     # Data
     from rlhf import data
+    from rlhf.models import start_tokenizer
 
     train_pairs = data.load_preferences(data_args.train_data, data_args.train_split)[: data_args.max_train_samples]
     eval_pairs = (
@@ -70,12 +70,12 @@ def main(argv: list[str] | None = None):
     # fine-tuning a second, frozen copy of the parent policy.
     from rlhf.models import load_start_model, lora_config
 
-    model, tokenizer, base_model, parent = load_start_model(model_args, PARENT_STAGES)
+    model = load_start_model(model_args, tokenizer, base_model, parent)
     reference_model = None
     if not model_args.use_lora:
         # Without an adapter to disable, TRL would rebuild the reference from config._name_or_path, which for a
         # parent rebuilt as base + adapter (no merged copy saved) is the base model's path: hand it the parent.
-        reference_model, _, _, _ = load_start_model(model_args, PARENT_STAGES)
+        reference_model = load_start_model(model_args, tokenizer, base_model, parent)
         reference_model.requires_grad_(False).eval()
 
     # Trainer

@@ -176,22 +176,31 @@ def stage_tokenizer(manifest: Manifest, model_args: ModelArgs):
     return load_tokenizer(manifest.path(manifest.adapter_path or manifest.merged_path), model_args.trust_remote_code)
 
 
-def load_start_model(model_args: ModelArgs, parent_stages: tuple[str, ...], head: str = CAUSAL_LM):
-    """The model a stage starts from: the base, or the parent stage's model with its adapter merged in.
+def start_tokenizer(model_args: ModelArgs, parent_stages: tuple[str, ...]):
+    """(tokenizer, base model path, parent manifest) of the model a stage starts from, without loading weights:
+    enough to check lengths and the configuration before any model loads."""
+    base_path, parent = resolve_start(model_args, parent_stages)
+    if parent is not None:
+        return stage_tokenizer(parent, model_args), base_path, parent
+    return load_tokenizer(base_path, model_args.trust_remote_code), base_path, parent
+
+
+def load_start_model(model_args: ModelArgs, tokenizer, base_path: str, parent: Manifest | None,
+                     head: str = CAUSAL_LM):
+    """The model a stage starts from (what start_tokenizer resolved): the base, or the parent stage's model with its
+    adapter merged in, its pad ids set to the tokenizer's.
 
     Merging (instead of stacking adapters) keeps one plain model in memory: disabling the new stage's adapter then
     gives exactly the parent policy, which is what DPO and PPO use as their reference."""
-    base_path, parent = resolve_start(model_args, parent_stages)
+    pad_token_id = tokenizer.pad_token_id
     if parent is None:
-        model = load_pretrained(base_path, model_args, head)
-        tokenizer = load_tokenizer(base_path, model_args.trust_remote_code)
+        model = load_pretrained(base_path, model_args, head, pad_token_id)
     else:
-        model = load_stage_output(parent, model_args, head)
-        tokenizer = stage_tokenizer(parent, model_args)
-    model.config.pad_token_id = tokenizer.pad_token_id
+        model = load_stage_output(parent, model_args, head, pad_token_id)
+    model.config.pad_token_id = pad_token_id
     if getattr(model, "generation_config", None) is not None:
-        model.generation_config.pad_token_id = tokenizer.pad_token_id
-    return model, tokenizer, base_path, parent
+        model.generation_config.pad_token_id = pad_token_id
+    return model
 
 
 def lora_config(model_args: ModelArgs, task_type: str = "CAUSAL_LM", modules_to_save: list[str] | None = None,

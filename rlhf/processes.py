@@ -184,9 +184,9 @@ def is_collective_failure(error: BaseException) -> bool:
     if isinstance(error, getattr(dist, "DistError", ())):
         return True
     text = str(error).lower()
+    # gloo raises a plain RuntimeError ("Timed out waiting ... for recv", "Connection closed by peer").
     return isinstance(error, RuntimeError) and any(
-        phrase in text for phrase in ("timed out", "timeout", "connection closed by peer", "connection reset by peer",
-                                      "broken pipe"))
+        phrase in text for phrase in ("timed out", "connection closed by peer", "connection reset by peer"))
 
 
 def collective_failure_message(error: BaseException) -> str:

@@ -23,7 +23,6 @@ from rlhf.stage import (
     finish_stage,
     open_trl_output,
     stage_callbacks,
-    start_tokenizer,
     start_trl_stage,
     training_metrics,
 )
@@ -53,6 +52,7 @@ def main(argv: list[str] | None = None):
 
     # Data
     from rlhf import data
+    from rlhf.models import start_tokenizer
 
     train_pairs = data.load_preferences(data_args.train_data, data_args.train_split)[: data_args.max_train_samples]
     eval_pairs = (
@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None):
     # Model: the parent's body with a fresh one-output score head.
     from rlhf.models import REWARD, load_start_model, lora_config
 
-    model, tokenizer, base_model, parent = load_start_model(model_args, PARENT_STAGES, head=REWARD)
+    model = load_start_model(model_args, tokenizer, base_model, parent, head=REWARD)
 
     # Trainer
     from trl import RewardTrainer

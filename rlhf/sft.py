@@ -22,7 +22,6 @@ from rlhf.stage import (
     load_gold_prompts,
     open_trl_output,
     stage_callbacks,
-    start_tokenizer,
     start_trl_stage,
     training_metrics,
 )
@@ -47,6 +46,7 @@ def main(argv: list[str] | None = None):
 
     # Data: everything is validated before the model is even loaded.
     from rlhf import data
+    from rlhf.models import start_tokenizer
 
     train_records = data.load_sft(data_args.train_data, data_args.train_split)[: data_args.max_train_samples]
     eval_records = (
@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None):
     # Model
     from rlhf.models import load_start_model, lora_config
 
-    model, tokenizer, base_model, parent = load_start_model(model_args, PARENT_STAGES)
+    model = load_start_model(model_args, tokenizer, base_model, parent)
 
     # Trainer
     from trl import SFTTrainer

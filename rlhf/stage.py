@@ -302,17 +302,6 @@ def open_trl_output(stage: str, model_args: ModelArgs, data_args: DataArgs, trai
     return config, lock, finished, resume_from
 
 
-def start_tokenizer(model_args: ModelArgs, parent_stages: tuple[str, ...]):
-    """(tokenizer, base model path, parent manifest) of the model a stage starts from, without loading weights:
-    enough to check lengths and the configuration before any model loads."""
-    from rlhf.models import load_tokenizer, resolve_start, stage_tokenizer
-
-    base_path, parent = resolve_start(model_args, parent_stages)
-    if parent is not None:
-        return stage_tokenizer(parent, model_args), base_path, parent
-    return load_tokenizer(base_path, model_args.trust_remote_code), base_path, parent
-
-
 def finish_stage(trainer, stage: str, output_dir: str, model_args: ModelArgs, **details) -> Manifest | None:
     """Save a TRL trainer's model, then write the stage (see write_stage). Returns the manifest on the main process,
     None elsewhere."""

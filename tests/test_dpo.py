@@ -10,7 +10,7 @@ from conftest import TINY_DATA
 from rlhf.config import ModelArgs, parse_args
 from rlhf.data import load_preferences, to_dataset
 from rlhf.generation import pad_batch, response_logprobs
-from rlhf.models import load_stage_output, load_start_model, lora_config
+from rlhf.models import load_stage_output, load_start_model, lora_config, start_tokenizer
 
 
 def test_dpo_improves_gold_reward_over_sft(dpo_run, sft_run):
@@ -45,7 +45,8 @@ def test_reference_is_the_sft_policy_with_the_adapter_disabled(sft_run, tmp_path
     pairs = load_preferences(str(TINY_DATA / "prefs_train.jsonl"))[:32]
     model_args = ModelArgs(init_from=sft_run.output_dir)
     models_before = count_models()
-    model, tokenizer, _, _ = load_start_model(model_args, ("sft",))
+    tokenizer, base_path, parent = start_tokenizer(model_args, ("sft",))
+    model = load_start_model(model_args, tokenizer, base_path, parent)
     args = DPOConfig(output_dir=str(tmp_path), max_steps=3, per_device_train_batch_size=8, learning_rate=5e-3,
                      bf16=False, report_to="none", logging_steps=1, save_strategy="no")
     trainer = DPOTrainer(model=model, ref_model=None, args=args, train_dataset=to_dataset(pairs),
