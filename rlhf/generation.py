@@ -102,11 +102,14 @@ def generate(
     do_sample: bool = True,
     return_logprobs: bool = False,
     step_head=None,
+    synced_gpus: bool = False,
 ) -> Generation:
     """Sample responses. PPO asks for what decoding computes anyway, so it need not run the policy again: the
     log-prob of each sampled token at `temperature` (return_logprobs; of the untruncated distribution, as the PPO
     update scores it, even with top_p < 1) and a head over the last hidden state of every step (step_head: a value
-    head), both read at the LM head, which decoding calls once per new token."""
+    head), both read at the LM head, which decoding calls once per new token. synced_gpus keeps this process
+    running forward passes until every process has finished (for a model sharded block by block); the steps past
+    its own end are dropped."""
     device = next(model.parameters()).device
     ids, mask = pad_batch(prompt_ids, tokenizer.pad_token_id, side="left")
     ids, mask = ids.to(device), mask.to(device)
@@ -138,6 +141,7 @@ def generate(
             use_cache=True,
             return_dict_in_generate=True,
             stopping_criteria=StoppingCriteriaList([logprobs]) if logprobs is not None else None,
+            synced_gpus=synced_gpus,
             **sampling,
         )
     finally:

@@ -265,6 +265,7 @@ def mergeable_lora_layers(peft_model, adapter: str) -> list | None:
     from peft.tuners.lora import Linear as LoraLinear
     from peft.tuners.tuners_utils import BaseTunerLayer
     from peft.utils import AuxiliaryTrainingWrapper
+    from torch.distributed.tensor import DTensor
 
     layers = []
     for module in peft_model.modules():
@@ -273,6 +274,8 @@ def mergeable_lora_layers(peft_model, adapter: str) -> list | None:
         if not isinstance(module, BaseTunerLayer) or adapter not in getattr(module, "lora_A", {}):
             continue
         base = module.get_base_layer()
+        if isinstance(base.weight, DTensor):  # sharded (FSDP, blocks not gathered): no whole weight to fold into
+            return None
         if (type(module) is not LoraLinear or module.use_dora.get(adapter) or module.lora_bias.get(adapter)
                 or module.merged or base.weight.dtype != torch.float32 or base.weight.dim() != 2):
             return None

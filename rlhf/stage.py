@@ -40,8 +40,11 @@ class StageOutputArgs:
                                  "configuration is refused."})
 
 
-# Keys that say how a run is carried out, not what it trains: left out of the configuration hash.
-RUN_ONLY_KEYS = ("output_dir", "overwrite", "ddp_timeout", "logging_dir", "report_to")
+# Keys that say how a run is carried out, not what it trains: left out of the configuration hash, so changing them
+# neither refuses a finished run nor its checkpoints (PPO's fsdp and gather_for_generation: sharded and unsharded
+# updates agree to float rounding, and checkpoints hold whole tensors either way).
+RUN_ONLY_KEYS = ("output_dir", "overwrite", "ddp_timeout", "logging_dir", "report_to", "fsdp",
+                 "gather_for_generation")
 
 LOCK_NAME = ".lock"
 
@@ -111,47 +114,59 @@ def _barrier() -> None:
         dist.barrier()
 
 
+def _output_verdict(stage: str, output: Path, config: dict, overwrite: bool, extends) -> str:
+    """What to do with a locked output folder: 'new', 'overwrite', 'extend', 'done', or why it is refused."""
+    from rlhf.manifest import MANIFEST_NAME, config_hash, read_manifest
+
+    if not (output / MANIFEST_NAME).is_file():
+        return "new"
+    if overwrite:
+        return "overwrite"
+    try:
+        finished = read_manifest(output)
+    except ManifestError as error:
+        return f"{output}: {error}; pass --overwrite true to replace what is there"
+    if finished.stage == stage and extends is not None and extends(finished):
+        return "extend"
+    if finished.stage == stage and finished.config_hash == config_hash(config):
+        return "done"
+    return (f"{output} holds a finished '{finished.stage}' run of another configuration (config "
+            f"{finished.config_hash}, this run {config_hash(config)}); it is kept. Pass --overwrite true to replace "
+            "it, or pick another output_dir")
+
+
 def open_output(stage: str, output_dir: str, config: dict, overwrite: bool, extends=None):
     """Lock output_dir and look at what it holds. Returns (lock, finished manifest or None): a finished run of the
     same configuration is returned untouched (nothing to do); one of another configuration is refused unless
     `overwrite`, which clears the folder first, or `extends(finished)` says this run continues it (PPO with more
-    steps), which retires its manifest until this run writes the new one."""
-    from rlhf.manifest import MANIFEST_NAME, config_hash, read_manifest
+    steps), which retires its manifest until this run writes the new one. Rank 0 looks and decides for every rank:
+    a rank that looked after rank 0 had retired the manifest would take another path and miss a collective."""
+    from rlhf.manifest import MANIFEST_NAME, read_manifest
 
     lock = hold_output_lock(output_dir)
     output = Path(output_dir)
-    if not (output / MANIFEST_NAME).is_file():
+    verdict = _shared_verdict(_output_verdict(stage, output, config, overwrite, extends) if is_main_process() else None)
+    if verdict == "new":
         return lock, None
-    wanted = config_hash(config)
-    if overwrite:
-        if is_main_process():
+    if verdict in ("overwrite", "extend"):
+        if is_main_process() and verdict == "overwrite":
             logger.warning("overwrite: removing the finished run in %s", output)
             for path in output.iterdir():
                 if path.name not in (LOCK_NAME, ".heartbeat", ".pipeline_hash"):
                     shutil.rmtree(path) if path.is_dir() else path.unlink()
-        _barrier()
-        return lock, None
-    try:
-        finished = read_manifest(output)
-    except ManifestError as error:
-        raise StageError(f"{output_dir}: {error}; pass --overwrite true to replace what is there") from None
-    if finished.stage == stage and extends is not None and extends(finished):
-        if is_main_process():
-            print(f"[rlhf] {stage}: continuing the finished run in {output_dir} (config {finished.config_hash})",
-                  flush=True)
+        elif is_main_process():
+            print(f"[rlhf] {stage}: continuing the finished run in {output_dir} "
+                  f"(config {read_manifest(output).config_hash})", flush=True)
             (output / MANIFEST_NAME).unlink()
         _barrier()
         return lock, None
-    if finished.stage == stage and finished.config_hash == wanted:
+    if verdict == "done":
+        finished = read_manifest(output)
         if is_main_process():
-            print(f"[rlhf] {stage}: {output_dir} already holds this run (config {wanted}); nothing to do. "
-                  "Pass --overwrite true to train it again.", flush=True)
+            print(f"[rlhf] {stage}: {output_dir} already holds this run (config {finished.config_hash}); nothing to "
+                  "do. Pass --overwrite true to train it again.", flush=True)
         return lock, finished
-    raise StageError(
-        f"{output_dir} holds a finished '{finished.stage}' run of another configuration (config "
-        f"{finished.config_hash}, this run {wanted}); it is kept. Pass --overwrite true to replace it, or pick "
-        "another output_dir"
-    )
+    raise StageError(verdict)
 
 
 def prepare_checkpoints(training_args, output_dir: str, config: dict) -> str | None:

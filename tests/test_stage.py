@@ -6,6 +6,7 @@ import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -86,3 +87,40 @@ def test_launch_whose_processes_cannot_see_each_other_is_refused(module, tmp_pat
     assert "this launch started 2 processes" in result.stderr and "ACCELERATE_USE_CPU=1" in result.stderr
     assert result.stderr.count("this launch started 2 processes") == 1  # said once, by rank 0
     assert not (tmp_path / stage).exists()  # nothing written, nothing trained
+
+
+def _continue_finished_run(rank: int, output_dir: str, port: int, results: str) -> None:
+    """One of two gloo processes opening a finished folder that this run extends (as PPO does with more steps).
+    Rank 1 looks late, after rank 0 has already retired the manifest."""
+    import time
+
+    import torch.distributed as dist
+
+    from rlhf import stage
+
+    os.environ.update(RANK=str(rank), WORLD_SIZE="2")  # as a launcher sets them
+    barriers = []
+    real_barrier = stage._barrier
+    stage._barrier = lambda: (barriers.append(1), real_barrier())
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
+                            timeout=__import__("datetime").timedelta(seconds=20))
+    if rank == 1:
+        time.sleep(2)
+    _, finished = stage.open_output("sft", output_dir, {"training": {}}, overwrite=False, extends=lambda done: True)
+    dist.barrier()
+    (Path(results) / f"rank{rank}").write_text(f"{finished} {len(barriers)}")
+    dist.destroy_process_group()
+
+
+def test_every_rank_follows_rank_0s_verdict_on_the_output_folder(sft_run, tmp_path):
+    """Each rank used to read the folder itself: one that looked after rank 0 had removed the manifest of the run
+    being continued took the 'new folder' path, skipped the barrier, and the run hung (seen with PPO resumes)."""
+    import torch.multiprocessing
+
+    folder = copy_stage(sft_run, tmp_path / "sft")
+    results = tmp_path / "results"
+    results.mkdir()
+    torch.multiprocessing.spawn(_continue_finished_run, args=(str(folder), 29641, str(results)), nprocs=2)
+    # Both continued the run (not "nothing to do") through the same collectives.
+    assert [(results / f"rank{rank}").read_text() for rank in (0, 1)] == ["None 1", "None 1"]
+    assert not (folder / "manifest.json").exists()  # retired until the continued run writes its own

@@ -31,6 +31,20 @@ class PPOArgs(StageOutputArgs):
                   "adapter (weighted by vf_coef) and value_init does not apply (the head starts at zero).",
                   "choices": ["separate", "shared"]},
     )
+    fsdp: bool = field(
+        default=False,
+        metadata={"help": "Shard the models over the processes with torch FSDP2 (fully_shard on each transformer block): "
+                  "each process holds 1/N of the frozen base and of the adapters, so a model that does not fit one "
+                  "device can still be trained. Also on when the accelerate config's distributed_type is FSDP. Off: "
+                  "data parallel, every process holds the whole model."},
+    )
+    gather_for_generation: bool = field(
+        default=True,
+        metadata={"help": "With fsdp: gather the whole model on every process while it samples a rollout (fast; each "
+                  "process briefly holds the whole model). false: blocks stay sharded and are gathered one at a time "
+                  "for every decoded token, so memory stays at the shard size, at the cost of much slower sampling "
+                  "(TRL's ds3_gather_for_generation)."},
+    )
     # Schedule
     steps: int = field(default=40, metadata={"help": "PPO iterations (each: one rollout, then ppo_epochs of updates)."})
     rollout_batch_size: int = field(default=32, metadata={"help": "Prompts per process per iteration."})

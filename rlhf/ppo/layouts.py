@@ -52,7 +52,30 @@ def head_from_weights(weights: dict | None, hidden_size: int, dtype) -> nn.Linea
     return head
 
 
-class SharedBaseModels(nn.Module):
+def _role(name: str):
+    def call(self, *args, **kwargs):
+        return self(name, *args, **kwargs)
+
+    call.__name__ = name
+    return call
+
+
+class Roles(nn.Module):
+    """What both layouts share: each role is called through forward(), so hooks on the module's forward run around
+    it (FSDP2 gathers the sharded parameters of the roles module there). A layout implements `_<role>`."""
+
+    policy_logits = _role("policy_logits")
+    reference_logits = _role("reference_logits")
+    values = _role("values")
+    policy_logits_and_values = _role("policy_logits_and_values")
+    scores = _role("scores")
+
+    def forward(self, role: str | None, *args, **kwargs):
+        # role None runs nothing: a first forward through the root sets FSDP up before generation runs the blocks
+        return getattr(self, "_" + role)(*args, **kwargs) if role else None
+
+
+class SharedBaseModels(Roles):
     layout = "shared"
 
     def __init__(self, policy_base, model_args: ModelArgs, reward: Manifest, value_init: str, separate_reward=None,
@@ -91,7 +114,6 @@ class SharedBaseModels(nn.Module):
         else:
             self.model.add_adapter(VALUE, lora_config(model_args))
             self.value_head = head_from_weights(None, hidden_size, dtype)
-        self._trainable = [p for n, p in self.model.named_parameters() if f".{POLICY}." in n or f".{VALUE}." in n]
         self._active = None
         self._use(POLICY)
 
@@ -107,7 +129,7 @@ class SharedBaseModels(nn.Module):
             return
         self._active = adapter
         self.model.set_adapter(adapter)
-        for parameter in self._trainable:
+        for parameter in self.policy_parameters() + self.value_parameters():
             parameter.requires_grad_(True)
 
     def policy_parameters(self):
@@ -116,13 +138,13 @@ class SharedBaseModels(nn.Module):
     def value_parameters(self):
         return [p for n, p in self.model.named_parameters() if f".{VALUE}." in n] + list(self.value_head.parameters())
 
-    def policy_logits(self, input_ids, attention_mask, position_ids, keep: int = 0):
+    def _policy_logits(self, input_ids, attention_mask, position_ids, keep: int = 0):
         self._use(POLICY)
         return self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False,
                           logits_to_keep=keep).logits
 
     @torch.no_grad()
-    def reference_logits(self, input_ids, attention_mask, position_ids, keep: int = 0):
+    def _reference_logits(self, input_ids, attention_mask, position_ids, keep: int = 0):
         try:
             with self.model.disable_adapter():
                 return self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
@@ -130,14 +152,14 @@ class SharedBaseModels(nn.Module):
         finally:
             self._active = None  # re-enabling leaves only the active adapter trainable: the next _use restores both
 
-    def values(self, input_ids, attention_mask, position_ids):
+    def _values(self, input_ids, attention_mask, position_ids):
         if self.shared_critic:
-            return self.policy_logits_and_values(input_ids, attention_mask, position_ids, keep=1)[1]
+            return self._policy_logits_and_values(input_ids, attention_mask, position_ids, keep=1)[1]
         self._use(VALUE)
         hidden = last_hidden(body_of(self.model.get_base_model()), input_ids, attention_mask, position_ids)
         return self.value_head(hidden).squeeze(-1)
 
-    def policy_logits_and_values(self, input_ids, attention_mask, position_ids, keep: int):
+    def _policy_logits_and_values(self, input_ids, attention_mask, position_ids, keep: int):
         """Shared critic: one pass of the policy gives the logits of the last `keep` positions and every value."""
         self._use(POLICY)
         hidden = last_hidden(body_of(self.model.get_base_model()), input_ids, attention_mask, position_ids)
@@ -145,7 +167,7 @@ class SharedBaseModels(nn.Module):
         return logits, self.value_head(hidden).squeeze(-1)
 
     @torch.no_grad()
-    def scores(self, input_ids, attention_mask):
+    def _scores(self, input_ids, attention_mask):
         """Reward at the last real token of each sequence, left- or right-padded."""
         if self.reward_model is not None:
             return self.reward_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits[:, 0].float()
@@ -177,7 +199,7 @@ class SharedBaseModels(nn.Module):
         return self.model.generation_config
 
 
-class SeparateModels(nn.Module):
+class SeparateModels(Roles):
     layout = "separate"
     reward_placement = "separate model"
     shared_critic = False
@@ -200,21 +222,21 @@ class SeparateModels(nn.Module):
     def value_parameters(self):
         return [p for p in self.value_model.parameters() if p.requires_grad] + list(self.value_head.parameters())
 
-    def policy_logits(self, input_ids, attention_mask, position_ids, keep: int = 0):
+    def _policy_logits(self, input_ids, attention_mask, position_ids, keep: int = 0):
         return self.policy(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False,
                            logits_to_keep=keep).logits
 
     @torch.no_grad()
-    def reference_logits(self, input_ids, attention_mask, position_ids, keep: int = 0):
+    def _reference_logits(self, input_ids, attention_mask, position_ids, keep: int = 0):
         return self.reference(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                               use_cache=False, logits_to_keep=keep).logits
 
-    def values(self, input_ids, attention_mask, position_ids):
+    def _values(self, input_ids, attention_mask, position_ids):
         hidden = last_hidden(body_of(self.value_model.get_base_model()), input_ids, attention_mask, position_ids)
         return self.value_head(hidden).squeeze(-1)
 
     @torch.no_grad()
-    def scores(self, input_ids, attention_mask):
+    def _scores(self, input_ids, attention_mask):
         return self.reward_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits[:, 0].float()
 
     @torch.no_grad()

@@ -7,6 +7,7 @@ log-probs and values that belong to token t come from the position just before i
 from __future__ import annotations
 
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import torch
@@ -98,14 +99,18 @@ def render_for_reward(tokenizer, prompts: list[list[dict]], texts: list[str]) ->
 
 @torch.no_grad()
 def collect(models, tokenizer, reward_tokenizer, prompts: list[list[dict]], prompt_ids: list[list[int]],
-            args: PPOArgs, kl_coef: float, reward_stats: tuple[float, float] | None) -> Rollout:
-    """Sample and score one batch; rewards, advantages and returns are filled by `finish_advantages`."""
+            args: PPOArgs, kl_coef: float, reward_stats: tuple[float, float] | None,
+            gathered=lambda models: nullcontext(), synced_generation: bool = False) -> Rollout:
+    """Sample and score one batch; rewards, advantages and returns are filled by `finish_advantages`. Sampling runs
+    inside `gathered(models)` (the whole model on hand when it is sharded)."""
     device = next(models.parameters()).device
     start = time.perf_counter()
     from_generation = args.logprobs_from_generation
-    sample = generate(models, tokenizer, prompt_ids, max_new_tokens=args.max_new_tokens,
-                      temperature=args.temperature, top_p=args.top_p, return_logprobs=from_generation,
-                      step_head=models.value_head if from_generation and models.shared_critic else None)
+    with gathered(models):
+        sample = generate(models, tokenizer, prompt_ids, max_new_tokens=args.max_new_tokens,
+                          temperature=args.temperature, top_p=args.top_p, return_logprobs=from_generation,
+                          step_head=models.value_head if from_generation and models.shared_critic else None,
+                          synced_gpus=synced_generation)
     generated = time.perf_counter()
 
     rollout = Rollout(

@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 from rlhf.config import ConfigError, DataArgs, ModelArgs, parse_args
 from rlhf.ppo import math as ppo_math
 from rlhf.ppo.config import PPOArgs
+from rlhf.ppo.distributed import Distributed
 from rlhf.processes import run_main
 from rlhf.ppo.rollout import (Rollout, collect, finish_advantages, policy_logprobs, policy_logprobs_and_values,
                               value_predictions)
@@ -31,55 +32,6 @@ from rlhf.ppo.rollout import (Rollout, collect, finish_advantages, policy_logpro
 STAGE = "ppo"
 PARENT_STAGES = ("sft", "dpo", "ppo")
 ARG_TYPES = (ModelArgs, DataArgs, PPOArgs)
-
-
-class Distributed:
-    """The few collective operations PPO needs, as no-ops in a single process. Gradients and parameters travel as
-    one flat buffer each, one collective per optimizer step rather than one per tensor."""
-
-    def __init__(self, accelerator):
-        self.accelerator = accelerator
-        self.world = accelerator.num_processes
-
-    def sum(self, tensor: torch.Tensor) -> torch.Tensor:
-        if self.world == 1:
-            return tensor
-        return self.accelerator.reduce(tensor.detach().clone(), reduction="sum")
-
-    def mean_of(self, value: float) -> float:
-        return (self.sum(torch.tensor(float(value), device=self.accelerator.device)) / self.world).item()
-
-    def masked_stats(self, values: torch.Tensor, mask: torch.Tensor):
-        """Global (mean, unbiased variance) of values over every process's real tokens. Summed in float64: with a
-        large mean, E[x^2] - E[x]^2 in float32 loses most of the variance's digits."""
-        values, mask = values.double(), mask.double()
-        total, total_sq, count = self.sum(torch.stack([(values * mask).sum(), (values ** 2 * mask).sum(),
-                                                       mask.sum()])).tolist()
-        mean = total / count
-        variance = (total_sq / count - mean ** 2) * count / max(count - 1, 1)
-        return torch.tensor(mean, dtype=torch.float32), torch.tensor(max(variance, 0.0), dtype=torch.float32)
-
-    def sum_gradients(self, parameters) -> None:
-        """Add up every process's gradients (each process's losses are already divided by the global token count)."""
-        if self.world == 1:
-            return
-        for parameter in parameters:
-            if parameter.grad is None:  # unused this step on this process: still take part in the sum
-                parameter.grad = torch.zeros_like(parameter)
-        grads = [parameter.grad for parameter in parameters]
-        flat = torch._utils._flatten_dense_tensors(grads)
-        torch.distributed.all_reduce(flat, op=torch.distributed.ReduceOp.SUM)
-        for grad, total in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads)):
-            grad.copy_(total)
-
-    def broadcast_parameters(self, parameters) -> None:
-        if self.world == 1:
-            return
-        tensors = [parameter.data for parameter in parameters]
-        flat = torch._utils._flatten_dense_tensors(tensors)
-        torch.distributed.broadcast(flat, src=0)
-        for tensor, value in zip(tensors, torch._utils._unflatten_dense_tensors(flat, tensors)):
-            tensor.copy_(value)
 
 
 def prompt_batches(n_prompts: int, per_process: int, world: int, rank: int, seed: int, step: int) -> list[int]:
@@ -139,8 +91,7 @@ def update(models, optimizer, rollout: Rollout, args: PPOArgs, distributed: Dist
                                    "loss/value": vf_loss.item() * share, "policy/entropy": entropy}.items():
                     stats.setdefault(key, []).append(value)
             distributed.sum_gradients(parameters)
-            grad_norm = torch.nn.utils.clip_grad_norm_(parameters, args.max_grad_norm)
-            stats.setdefault("grad_norm", []).append(grad_norm.item())
+            stats.setdefault("grad_norm", []).append(distributed.clip_gradients(parameters, args.max_grad_norm))
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
     return {key: sum(values) / len(values) for key, values in stats.items()}
@@ -188,27 +139,37 @@ def fit_prompts(records: list[dict], tokenizer, max_prompt_length: int, data_arg
 
 # ----------------------------------------------------------------------------------------------- checkpoints
 
-def trainable_state(models) -> dict[str, torch.Tensor]:
-    return {name: parameter.detach().cpu().contiguous() for name, parameter in models.named_parameters()
-            if parameter.requires_grad}
-
-
-def save_checkpoint(models, optimizer, step: int, kl_coef: float, checkpoint_root: Path) -> Path:
-    """checkpoints/step-N, written into a temp folder and renamed: a killed run never leaves half a checkpoint."""
+def save_checkpoint(models, optimizer, distributed: Distributed, step: int, kl_coef: float,
+                    checkpoint_root: Path) -> Path | None:
+    """checkpoints/step-N: the trainable parameters and the optimizer state whole, by name (so a run may resume on
+    another number of processes, sharded or not). Every process takes part in gathering them; the main process
+    writes them into a temp folder and renames it: a killed run never leaves half a checkpoint."""
     import shutil
 
     from safetensors.torch import save_file
 
+    trainable, optimizer_state = distributed.full_state(models), distributed.optimizer_state(models, optimizer)
+    if not distributed.accelerator.is_main_process:
+        return None
     final = checkpoint_root / f"step-{step:06d}"
     temporary = checkpoint_root / f".step-{step:06d}.tmp"
     shutil.rmtree(temporary, ignore_errors=True)
     temporary.mkdir(parents=True)
-    save_file(trainable_state(models), str(temporary / "trainable.safetensors"))
-    torch.save(optimizer.state_dict(), temporary / "optimizer.pt")
+    save_file(trainable, str(temporary / "trainable.safetensors"))
+    torch.save(optimizer_state, temporary / "optimizer.pt")
     (temporary / "state.json").write_text(json.dumps({"step": step, "kl_coef": kl_coef}))
     shutil.rmtree(final, ignore_errors=True)
     temporary.rename(final)
     return final
+
+
+def policy_adapter_state(models, distributed: Distributed) -> dict[str, torch.Tensor]:
+    """The trainable parameters of the policy's peft model, whole and named as in that model (what peft's
+    save_pretrained picks the policy adapter from). A collective when sharded."""
+    policy = models.policy_for_saving()
+    prefix = next(name for name, module in models.named_modules() if module is policy) + "."
+    return {name[len(prefix):]: tensor for name, tensor in distributed.full_state(models).items()
+            if name.startswith(prefix)}
 
 
 def without_steps(config: dict) -> dict:
@@ -251,15 +212,18 @@ def latest_checkpoint(checkpoint_root: Path) -> Path | None:
     return done[-1] if done else None
 
 
-def load_checkpoint(models, optimizer, checkpoint: Path) -> dict:
+def load_checkpoint(models, optimizer, distributed: Distributed, checkpoint: Path) -> dict:
+    """Every process loads the whole checkpoint and keeps its part."""
     from safetensors.torch import load_file
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
     state = load_file(str(checkpoint / "trainable.safetensors"))
-    missing = set(trainable_state(models)) - set(state)
+    trainable = {name for name, parameter in models.named_parameters() if parameter.requires_grad}
+    missing = trainable - set(state)
     if missing:
         raise ConfigError(f"checkpoint {checkpoint} does not match this configuration (missing {sorted(missing)[:3]})")
-    models.load_state_dict(state, strict=False)
-    optimizer.load_state_dict(torch.load(checkpoint / "optimizer.pt", weights_only=True))
+    set_model_state_dict(models, state, options=StateDictOptions(full_state_dict=True, strict=False))
+    distributed.load_optimizer_state(models, optimizer, torch.load(checkpoint / "optimizer.pt", weights_only=True))
     return json.loads((checkpoint / "state.json").read_text())
 
 
@@ -287,7 +251,10 @@ def main(argv: list[str] | None = None):
 
     start_processes(args.ddp_timeout)
     accelerator = Accelerator(log_with=None if args.report_to in (["none"], []) else args.report_to)
-    distributed = Distributed(accelerator)
+    from accelerate.utils import DistributedType
+
+    distributed = Distributed(accelerator, sharded=args.fsdp or accelerator.distributed_type == DistributedType.FSDP,
+                              gather_for_generation=args.gather_for_generation)
     output_dir = Path(args.output_dir)
 
     # Data: prompts, validated, length-checked and tokenised before any model is loaded.
@@ -321,8 +288,8 @@ def main(argv: list[str] | None = None):
     torch.manual_seed(args.seed)
     models = build_models(args.layout, policy_parent, reward_manifest, model_args, args.value_init, args.critic)
     models.to(accelerator.device).eval()  # eval: dropout off, so rollout and update log-probs agree
-    trainable = models.policy_parameters() + models.value_parameters()
-    distributed.broadcast_parameters(trainable)
+    distributed.prepare(models, models.policy_parameters() + models.value_parameters())
+    trainable = models.policy_parameters() + models.value_parameters()  # after prepare: the shards, when sharded
     optimizer = torch.optim.AdamW(trainable, lr=args.learning_rate, weight_decay=args.weight_decay)
     from transformers import get_scheduler
 
@@ -337,7 +304,7 @@ def main(argv: list[str] | None = None):
     start_step = 0
     last = latest_checkpoint(checkpoint_root)
     if last is not None:
-        state = load_checkpoint(models, optimizer, last)
+        state = load_checkpoint(models, optimizer, distributed, last)
         start_step, kl_control.value = state["step"], state["kl_coef"]
         for _ in range(start_step):
             scheduler.step()
@@ -347,6 +314,7 @@ def main(argv: list[str] | None = None):
     log_path = output_dir / "metrics.jsonl"
     if accelerator.is_main_process:
         truncate_metrics_log(log_path, start_step)  # steps after the checkpoint are trained (and logged) again
+    distributed.peak_memory_mib()  # from here on, each step's own peak (loading is not counted in step 1)
     progress = tqdm(range(start_step, args.steps), initial=start_step, total=args.steps, desc="ppo",
                     disable=not accelerator.is_local_main_process)
     for step in progress:
@@ -356,7 +324,7 @@ def main(argv: list[str] | None = None):
         rows = prompt_batches(len(prompts), args.rollout_batch_size, accelerator.num_processes,
                               accelerator.process_index, args.seed, step)
         rollout = collect(models, tokenizer, reward_tokenizer, [prompts[i] for i in rows], [prompt_ids[i] for i in rows],
-                          args, kl_control.value, reward_stats)
+                          args, kl_control.value, reward_stats, distributed.gathered, distributed.synced_generation)
         finish_advantages(rollout, args, distributed.masked_stats)
         started = time.perf_counter()
         generator = torch.Generator().manual_seed(args.seed + step)
@@ -369,7 +337,7 @@ def main(argv: list[str] | None = None):
                    **{key: distributed.mean_of(value) for key, value in update_stats.items()},
                    "kl_coef": kl_control.value, "lr": learning_rate,
                    **rollout.timings, "time/training": time.perf_counter() - started,
-                   "time/step": time.perf_counter() - step_started}
+                   "time/step": time.perf_counter() - step_started, "memory/peak_mib": distributed.peak_memory_mib()}
         kl_control.update(metrics["kl/sequence"], args.rollout_batch_size * accelerator.num_processes)
         if not all(math.isfinite(value) for key, value in metrics.items() if key != "value/explained_variance"):
             raise StageError(f"ppo: non-finite metrics at step {step + 1} ({metrics}); last good checkpoint: "
@@ -381,19 +349,22 @@ def main(argv: list[str] | None = None):
         progress.set_postfix(score=f"{metrics['score/raw']:.3f}", kl=f"{metrics['kl/sequence']:.3f}")
         if args.logging_steps and (step + 1) % args.logging_steps == 0:
             accelerator.print(" ".join(f"{key}={value:.4g}" for key, value in metrics.items() if not key.startswith("time")))
-        if args.save_steps and (step + 1) % args.save_steps == 0 and step + 1 < args.steps and accelerator.is_main_process:
-            save_checkpoint(models, optimizer, step + 1, kl_control.value, checkpoint_root)
-            rotate_checkpoints(checkpoint_root, args.save_total_limit)
+        if args.save_steps and (step + 1) % args.save_steps == 0 and step + 1 < args.steps:
+            save_checkpoint(models, optimizer, distributed, step + 1, kl_control.value, checkpoint_root)
+            if accelerator.is_main_process:
+                rotate_checkpoints(checkpoint_root, args.save_total_limit)
         accelerator.wait_for_everyone()
 
     # Save: the policy adapter (plain LoRA folder), the value adapter + head for further training, then the manifest.
     accelerator.wait_for_everyone()
+    save_checkpoint(models, optimizer, distributed, args.steps, kl_control.value, checkpoint_root)
+    policy_state = policy_adapter_state(models, distributed)
     if not accelerator.is_main_process:
         accelerator.end_training()
         return None
-    models.policy_for_saving().save_pretrained(output_dir / "adapter", selected_adapters=[POLICY])
+    models.policy_for_saving().save_pretrained(output_dir / "adapter", selected_adapters=[POLICY],
+                                               state_dict=policy_state)
     tokenizer.save_pretrained(output_dir / "adapter")
-    save_checkpoint(models, optimizer, args.steps, kl_control.value, checkpoint_root)
     rotate_checkpoints(checkpoint_root, args.save_total_limit)
     logged = read_metrics_log(log_path)  # every step once, whether or not the run was resumed
     metrics = {"steps": args.steps, "first": logged[0] if logged else {}, "last": logged[-1] if logged else {}}

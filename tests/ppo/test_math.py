@@ -171,7 +171,7 @@ def test_losses_with_a_global_token_count_add_up_over_micro_batches():
 def test_global_whitening_statistics_keep_their_digits_at_a_large_mean():
     from types import SimpleNamespace
 
-    from rlhf.ppo.trainer import Distributed
+    from rlhf.ppo.distributed import Distributed
 
     generator = torch.Generator().manual_seed(0)
     values = 1000.0 + torch.randn(64, 48, generator=generator)

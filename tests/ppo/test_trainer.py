@@ -261,29 +261,90 @@ def test_update_is_the_same_whether_one_process_holds_the_batch_or_two_share_it(
     from update_worker import run
 
     rollout = saved_rollout(sft_run, reward_run, tmp_path / "rollout.pt")
-    worker = str(REPO / "tests" / "ppo" / "update_worker.py")
     for accumulation in (1, 2):
-        whole, shared = tmp_path / f"whole{accumulation}.pt", tmp_path / f"shared{accumulation}.pt"
+        whole = tmp_path / f"whole{accumulation}.pt"
         run(sft_run.output_dir, reward_run.output_dir, str(rollout), str(whole), 8, accumulation)
-        command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-                   "recipes/accelerate/cpu_2proc.yaml", "--main_process_port", "29623", worker, sft_run.output_dir,
-                   reward_run.output_dir, str(rollout), str(shared), "4", str(accumulation)]
-        result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600,
-                                env={**os.environ, "ACCELERATE_USE_CPU": "1"})
-        assert result.returncode == 0, result.stderr[-3000:]
-        one, two = torch.load(whole), torch.load(shared)
+        one = torch.load(whole)
+        two = launch_update_worker(sft_run, reward_run, rollout, tmp_path / f"shared{accumulation}.pt", "4",
+                                   str(accumulation))
         start = trainable_start(sft_run, reward_run)
         assert max((one[name] - start[name]).abs().max().item() for name in one) > 1e-4  # the update moved them
         for name in one:
             assert torch.allclose(one[name], two[name], atol=1e-5, rtol=0), (accumulation, name)
 
 
-def trainable_start(sft_run, reward_run):
-    from rlhf.ppo.trainer import trainable_state
+def launch_update_worker(sft_run, reward_run, rollout, out, *extra):
+    worker = str(REPO / "tests" / "ppo" / "update_worker.py")
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", "recipes/accelerate/cpu_2proc.yaml",
+               "--main_process_port", "29623", worker, sft_run.output_dir, reward_run.output_dir, str(rollout),
+               str(out), *extra]
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600,
+                            env={**os.environ, "ACCELERATE_USE_CPU": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    return torch.load(out)
 
+
+def test_sharded_update_equals_the_unsharded_one(sft_run, reward_run, tmp_path):
+    """FSDP2 over two gloo processes, each holding half of every parameter (the worker checks that every
+    parameter is a shard) and half of the batch: the same trainable parameters after the update as one unsharded
+    process holding it all, for the separate critic with gradient accumulation and for the shared critic."""
+    sys.path.insert(0, str(REPO / "tests" / "ppo"))
+    from update_worker import run
+
+    rollout = saved_rollout(sft_run, reward_run, tmp_path / "rollout.pt")
+    start = trainable_start(sft_run, reward_run)
+    for accumulation, critic in ((2, "separate"), (1, "shared")):
+        whole = tmp_path / f"whole-{critic}.pt"
+        run(sft_run.output_dir, reward_run.output_dir, str(rollout), str(whole), 8, accumulation, critic=critic)
+        one = torch.load(whole)
+        sharded = launch_update_worker(sft_run, reward_run, rollout, tmp_path / f"sharded-{critic}.pt", "4",
+                                       str(accumulation), "fsdp", critic)
+        assert sorted(one) == sorted(sharded)
+        assert max((one[name] - start[name]).abs().max().item() for name in one if name in start) > 1e-4
+        for name in one:
+            assert torch.allclose(one[name], sharded[name], atol=1e-5, rtol=0), (critic, name)
+
+
+def test_sharded_run_trains_saves_and_resumes_unsharded(sft_run, reward_run, tmp_path):
+    """`fsdp: true` end to end on two processes: rollouts (generation on the gathered model, or block by block with
+    every process decoding until all are done), updates, checkpoints and the adapter. Checkpoints hold whole tensors,
+    so the run continues with or without sharding."""
+    output = tmp_path / "ppo"
+    common = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", "recipes/accelerate/cpu_2proc.yaml",
+              "--main_process_port", "29625", "-m", "rlhf.ppo", "--config", "recipes/tiny/ppo.yaml",
+              "--init_from", sft_run.output_dir, "--reward_model", reward_run.output_dir, "--output_dir", str(output),
+              "--rollout_batch_size", "8", "--mini_batch_size", "4", "--ppo_epochs", "1", "--max_new_tokens", "24",
+              "--gold_eval_prompts", "", "--save_merged", "false", "--save_steps", "1"]
+    # Step 1 with blocks gathered one at a time while sampling, step 2 with the model gathered whole (the default),
+    # step 3 unsharded; each leg continues the last one's checkpoint.
+    legs = [("1", ["--fsdp", "true", "--gather_for_generation", "false"]), ("2", ["--fsdp", "true"]),
+            ("3", ["--fsdp", "false"])]
+    for steps, flags in legs:
+        result = subprocess.run(common + ["--steps", steps, *flags], cwd=REPO, capture_output=True, text=True,
+                                timeout=600, env={**os.environ, "ACCELERATE_USE_CPU": "1"})
+        assert result.returncode == 0, result.stderr[-3000:]
+    assert "resuming from" in result.stdout + result.stderr and "step-000002" in result.stdout + result.stderr
+    rows = metrics_lines(output)
+    assert [row["step"] for row in rows] == [1, 2, 3]
+    assert all(row["memory/peak_mib"] > 100 and row["response/length"] > 0 for row in rows)
+    manifest = read_manifest(output)
+    assert manifest.extra["world_size"] == 2 and manifest.metrics["first"]["step"] == 1
+    from safetensors.torch import load_file
+
+    adapter = load_file(str(output / "adapter" / "adapter_model.safetensors"))
+    final = load_file(str(output / "checkpoints" / "step-000003" / "trainable.safetensors"))
+    policy = {name: tensor for name, tensor in final.items() if ".default." in name}
+    assert len(adapter) == len(policy) > 0
+    for name, tensor in adapter.items():  # the saved adapter is the trained policy, whole
+        (match,) = [value for key, value in policy.items() if key.endswith(name.replace(".weight", ".default.weight"))]
+        assert torch.equal(tensor, match)
+
+
+def trainable_start(sft_run, reward_run):
     torch.manual_seed(0)
-    return trainable_state(build_models("shared", read_manifest(sft_run.output_dir),
-                                        read_manifest(reward_run.output_dir), ModelArgs(), "policy"))
+    models = build_models("shared", read_manifest(sft_run.output_dir), read_manifest(reward_run.output_dir),
+                          ModelArgs(), "policy")
+    return {name: parameter.detach().clone() for name, parameter in models.named_parameters() if parameter.requires_grad}
 
 
 def test_gradient_accumulation_does_not_change_the_update(sft_run, reward_run, tmp_path):
