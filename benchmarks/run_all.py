@@ -23,6 +23,7 @@ BENCHMARKS = {
     "flops": ["flops.py"],
     "scaling": ["scaling.py"],
     "rollout_memory": ["rollout_memory.py"],
+    "sharding": ["ppo_sharding.py"],
 }
 
 

@@ -39,21 +39,18 @@ def transformer_blocks(models: nn.Module) -> list[nn.Module]:
     return [module for module in models.modules() if type(module).__name__ in names]
 
 
-def resident_peak_mib() -> float:
-    """This process's peak resident set since the last call, reset after reading (Linux); the whole run's peak
-    elsewhere."""
+def resident_mib() -> tuple[float, float]:
+    """(resident set now, its peak so far) of this process, in MiB (Linux /proc; elsewhere the peak for both). The
+    peak is never reset: that would also lower what the kernel reports as the process's peak when it exits."""
     try:
-        status = open("/proc/self/status").read()
-        peak_kib = int(status.split("VmHWM:")[1].split()[0])
-        with open("/proc/self/clear_refs", "w") as clear:
-            clear.write("5")
-        return peak_kib / 1024
-    except (OSError, IndexError, ValueError):
+        fields = dict(line.split(":", 1) for line in open("/proc/self/status").read().splitlines() if ":" in line)
+        return int(fields["VmRSS"].split()[0]) / 1024, int(fields["VmHWM"].split()[0]) / 1024
+    except (OSError, KeyError, ValueError):
         import resource
         import sys
 
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        return peak / (2**20 if sys.platform == "darwin" else 1024)
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (2**20 if sys.platform == "darwin" else 1024)
+        return peak, peak
 
 
 class Distributed:
@@ -164,18 +161,17 @@ class Distributed:
         norm = torch.nn.utils.clip_grad_norm_([p for p in parameters if p.grad is not None], max_norm)
         return (norm.full_tensor() if is_sharded(norm) else norm).item()
 
-    def peak_memory_mib(self) -> float:
-        """The most memory any process held since the last call (then reset): memory allocated by torch on a GPU,
-        the resident set on a CPU (Linux's high-water mark, which /proc/self/clear_refs resets)."""
+    def memory_mib(self) -> dict[str, float]:
+        """Memory of the process that holds the most: now, and its peak so far. GPU memory allocated by torch on a
+        GPU, the resident set on a CPU."""
         if self.accelerator.device.type == "cuda":
-            peak = torch.cuda.max_memory_allocated() / 2**20
-            torch.cuda.reset_peak_memory_stats()
+            held = [torch.cuda.memory_allocated() / 2**20, torch.cuda.max_memory_allocated() / 2**20]
         else:
-            peak = resident_peak_mib()
-        peak = torch.tensor(peak, device=self.accelerator.device)
+            held = list(resident_mib())
+        held = torch.tensor(held, device=self.accelerator.device)
         if self.world > 1:
-            torch.distributed.all_reduce(peak, op=torch.distributed.ReduceOp.MAX)
-        return peak.item()
+            torch.distributed.all_reduce(held, op=torch.distributed.ReduceOp.MAX)
+        return {"memory/now_mib": held[0].item(), "memory/peak_mib": held[1].item()}
 
     # ------------------------------------------------------------------------------------------- checkpoints
     def full_state(self, models: nn.Module) -> dict[str, torch.Tensor]:

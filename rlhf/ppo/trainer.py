@@ -314,7 +314,6 @@ def main(argv: list[str] | None = None):
     log_path = output_dir / "metrics.jsonl"
     if accelerator.is_main_process:
         truncate_metrics_log(log_path, start_step)  # steps after the checkpoint are trained (and logged) again
-    distributed.peak_memory_mib()  # from here on, each step's own peak (loading is not counted in step 1)
     progress = tqdm(range(start_step, args.steps), initial=start_step, total=args.steps, desc="ppo",
                     disable=not accelerator.is_local_main_process)
     for step in progress:
@@ -337,7 +336,7 @@ def main(argv: list[str] | None = None):
                    **{key: distributed.mean_of(value) for key, value in update_stats.items()},
                    "kl_coef": kl_control.value, "lr": learning_rate,
                    **rollout.timings, "time/training": time.perf_counter() - started,
-                   "time/step": time.perf_counter() - step_started, "memory/peak_mib": distributed.peak_memory_mib()}
+                   "time/step": time.perf_counter() - step_started, **distributed.memory_mib()}
         kl_control.update(metrics["kl/sequence"], args.rollout_batch_size * accelerator.num_processes)
         if not all(math.isfinite(value) for key, value in metrics.items() if key != "value/explained_variance"):
             raise StageError(f"ppo: non-finite metrics at step {step + 1} ({metrics}); last good checkpoint: "
