@@ -38,6 +38,51 @@ class StageOutputArgs:
         default=False, metadata={"help": "Replace a finished run in output_dir. Without it, a rerun with the same "
                                  "configuration says it is done and changes nothing, and one with another "
                                  "configuration is refused."})
+    logging_dir: str | None = field(
+        default=None, metadata={"help": "Where the trackers named by report_to (tensorboard, wandb) write; default "
+                                "<output_dir>/logs."})
+
+
+TRACKER_PACKAGES = {"tensorboard": ("tensorboard", "tensorboardX"), "wandb": ("wandb",), "mlflow": ("mlflow",),
+                    "comet_ml": ("comet_ml",), "aim": ("aim",), "clearml": ("clearml",), "swanlab": ("swanlab",),
+                    "trackio": ("trackio",)}
+
+
+def trackers(report_to) -> list[str]:
+    """The trackers report_to names (a name, a list, "none" or "all"), each checked to be installed, before
+    anything loads."""
+    import importlib.util
+
+    names = [report_to] if isinstance(report_to, str) else list(report_to or [])
+    names = [name for name in names if name != "none"]
+    if names == ["all"]:
+        return [name for name, packages in TRACKER_PACKAGES.items()
+                if any(importlib.util.find_spec(package) for package in packages)]
+    for name in names:
+        packages = TRACKER_PACKAGES.get(name)
+        if packages is None:
+            raise ConfigError(f"report_to: unknown tracker {name!r}; expected none, all or some of "
+                              f"{', '.join(TRACKER_PACKAGES)}")
+        if not any(importlib.util.find_spec(package) for package in packages):
+            raise ConfigError(f"report_to: {name} is not installed; pip install {packages[0]} (or drop it from "
+                              "report_to)")
+    return names
+
+
+def logs_folder(output_dir: str, logging_dir: str | None) -> Path:
+    return Path(logging_dir) if logging_dir else Path(output_dir) / "logs"
+
+
+def point_trackers(output_dir: str, logging_dir: str | None) -> Path:
+    """Send every tracker's files to logging_dir (default <output_dir>/logs) rather than under checkpoints/:
+    transformers' TensorBoard callback reads TENSORBOARD_LOGGING_DIR, wandb reads WANDB_DIR. Call once the output
+    folder is locked (a refused run leaves nothing behind)."""
+    folder = logs_folder(output_dir, logging_dir)
+    if is_main_process():
+        folder.mkdir(parents=True, exist_ok=True)
+    os.environ["TENSORBOARD_LOGGING_DIR"] = str(folder)
+    os.environ["WANDB_DIR"] = str(folder)
+    return folder
 
 
 # Keys that say how a run is carried out, not what it trains: left out of the configuration hash, so changing them
@@ -304,6 +349,7 @@ def start_trl_stage(stage: str, training_args, **required) -> None:
 
     for name, value in required.items():
         require(value, name, stage)
+    trackers(training_args.report_to)
     start_processes(training_args.ddp_timeout)
 
 
@@ -312,8 +358,11 @@ def open_trl_output(stage: str, model_args: ModelArgs, data_args: DataArgs, trai
     """A TRL-trained stage's configuration and output folder: (config, lock, finished manifest or None, checkpoint
     to resume from). See open_output."""
     config = stage_config(model_args, data_args, training_args, stage_args, parent)
-    lock, finished = open_output(stage, training_args.output_dir, config, stage_args.overwrite)
-    resume_from = None if finished else prepare_checkpoints(training_args, training_args.output_dir, config)
+    output_dir = training_args.output_dir
+    lock, finished = open_output(stage, output_dir, config, stage_args.overwrite)
+    if not finished:
+        point_trackers(output_dir, stage_args.logging_dir)
+    resume_from = None if finished else prepare_checkpoints(training_args, output_dir, config)
     return config, lock, finished, resume_from
 
 

@@ -75,3 +75,23 @@ def lora_reward_run(sft_run, tmp_path_factory):
                         "--output_dir", str(output_dir), "--use_lora", "true", "--lora_r", "16", "--lora_alpha", "32",
                         "--learning_rate", "2e-3", "--max_steps", "20", "--stats_samples", "64",
                         "--eval_data", "", "--save_merged", "false"])
+
+
+def tensorboard_scalars(folder: Path) -> dict[str, list[tuple[int, float]]]:
+    """The scalars of every TensorBoard event file under folder, {tag: [(step, value), ...]}. Event files are
+    TFRecords (length, its CRC, the event, its CRC); tensorboardX brings the Event protobuf."""
+    import struct
+
+    from tensorboardX.proto import event_pb2
+
+    scalars: dict[str, list[tuple[int, float]]] = {}
+    for path in sorted(folder.rglob("events.out.tfevents.*")):
+        data, offset = path.read_bytes(), 0
+        while offset < len(data):
+            (length,) = struct.unpack("<Q", data[offset : offset + 8])
+            event = event_pb2.Event.FromString(data[offset + 12 : offset + 12 + length])
+            offset += 12 + length + 4
+            for value in event.summary.value:
+                if value.HasField("simple_value"):
+                    scalars.setdefault(value.tag, []).append((event.step, value.simple_value))
+    return scalars

@@ -6,7 +6,7 @@ import sys
 import pytest
 import torch
 
-from conftest import REPO, TINY_BASE, TINY_DATA
+from conftest import REPO, TINY_BASE, TINY_DATA, tensorboard_scalars
 from rlhf.config import ModelArgs
 from rlhf.data import load_prompts
 from rlhf.evaluate.policy import gold_report
@@ -76,12 +76,16 @@ def test_accelerate_launch_runs_the_stage(tmp_path):
         sys.executable, "-m", "accelerate.commands.launch", "--config_file", "recipes/accelerate/cpu.yaml",
         "-m", "rlhf.sft", "--config", "recipes/tiny/sft.yaml", "--output_dir", str(output_dir),
         "--max_steps", "4", "--save_steps", "2", "--gold_eval_samples", "4", "--max_train_samples", "64",
+        "--report_to", "tensorboard", "--logging_steps", "1",
     ]
     result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert (output_dir / "manifest.json").is_file()
     assert (output_dir / "adapter" / "adapter_model.safetensors").is_file()
     assert (output_dir / "checkpoints" / "checkpoint-4").is_dir()
+    # TensorBoard logs in <output_dir>/logs, not under checkpoints/ where transformers would put them.
+    assert [step for step, _ in tensorboard_scalars(output_dir / "logs")["train/loss"]] == [1, 2, 3, 4]
+    assert not list((output_dir / "checkpoints").rglob("events.out.tfevents.*"))
 
 
 def test_cli_reports_bad_recipe_without_traceback(tmp_path, capsys):

@@ -13,7 +13,8 @@ import pytest
 from conftest import REPO
 from rlhf.cli import main
 from rlhf.manifest import read_manifest
-from rlhf.stage import LOCK_NAME, check_writable, hold_output_lock
+from rlhf.config import ConfigError
+from rlhf.stage import LOCK_NAME, check_writable, hold_output_lock, trackers
 
 SFT = ["sft", "--config", "recipes/tiny/sft.yaml"]
 
@@ -124,3 +125,15 @@ def test_every_rank_follows_rank_0s_verdict_on_the_output_folder(sft_run, tmp_pa
     # Both continued the run (not "nothing to do") through the same collectives.
     assert [(results / f"rank{rank}").read_text() for rank in (0, 1)] == ["None 1", "None 1"]
     assert not (folder / "manifest.json").exists()  # retired until the continued run writes its own
+
+
+def test_trackers_are_checked_before_anything_loads():
+    assert trackers("none") == [] and trackers(["none"]) == [] and trackers(["tensorboard"]) == ["tensorboard"]
+    assert "tensorboard" in trackers("all")
+    with pytest.raises(ConfigError, match="unknown tracker 'tensorbord'"):
+        trackers(["tensorbord"])
+    import importlib.util
+
+    if importlib.util.find_spec("wandb") is None:
+        with pytest.raises(ConfigError, match="wandb is not installed; pip install wandb"):
+            trackers("wandb")

@@ -106,8 +106,10 @@ class PPOArgs(StageOutputArgs):
     seed: int = field(default=42, metadata={"help": "Seed for prompt order, sampling and initialisation."})
     ddp_timeout: int = field(default=1800, metadata={"help": "Seconds a process waits for the others in a collective "
                                                     "before the run ends, naming the rank that stopped answering."})
-    report_to: list[str] = field(default_factory=lambda: ["none"], metadata={"help": "Trackers (tensorboard, wandb, "
-                                                                               "...) or none."})
+    report_to: list[str] = field(
+        default_factory=lambda: ["none"],
+        metadata={"help": "Trackers that get every metric of metrics.jsonl each iteration (tensorboard, wandb, ...; "
+                  "all; or none), written under logging_dir."})
 
     def __post_init__(self):
         """Ranges and divisibility, checked before anything loads."""

@@ -172,6 +172,16 @@ def policy_adapter_state(models, distributed: Distributed) -> dict[str, torch.Te
             if name.startswith(prefix)}
 
 
+def tracker_config(config: dict) -> dict:
+    """The stage configuration as the flat scalars trackers take as hyperparameters (TensorBoard's hparams)."""
+    flat = {}
+    for section, values in config.items():
+        for key, value in (values.items() if isinstance(values, dict) else [(section, values)]):
+            if isinstance(value, (bool, int, float, str)):
+                flat[key if key not in flat else f"{section}.{key}"] = value
+    return flat
+
+
 def without_steps(config: dict) -> dict:
     """A PPO configuration less its length: a longer run of it may continue from its checkpoints."""
     return {**config, "training": {key: value for key, value in config["training"].items() if key != "steps"}}
@@ -247,10 +257,12 @@ def main(argv: list[str] | None = None):
     from rlhf.models import stage_tokenizer
     from rlhf.ppo.layouts import POLICY, build_models
     from rlhf.processes import start_processes
-    from rlhf.stage import StageError, check_checkpoint_config, load_gold_prompts, open_output, stage_config, write_stage
+    from rlhf.stage import (StageError, check_checkpoint_config, load_gold_prompts, logs_folder, open_output,
+                            point_trackers, stage_config, trackers, write_stage)
 
+    report_to = trackers(args.report_to)
     start_processes(args.ddp_timeout)
-    accelerator = Accelerator(log_with=None if args.report_to in (["none"], []) else args.report_to)
+    accelerator = Accelerator(log_with=report_to or None, project_dir=str(logs_folder(args.output_dir, args.logging_dir)))
     from accelerate.utils import DistributedType
 
     distributed = Distributed(accelerator, sharded=args.fsdp or accelerator.distributed_type == DistributedType.FSDP,
@@ -283,6 +295,9 @@ def main(argv: list[str] | None = None):
                                                        and args.steps > done.metrics.get("steps", args.steps)))
     if finished:
         return finished
+    if report_to:  # TensorBoard writes to <logging_dir>/ppo, wandb to <logging_dir>/wandb
+        point_trackers(str(output_dir), args.logging_dir)
+        accelerator.init_trackers(STAGE, config=tracker_config(config))
 
     # Models: identical initialisation on every process.
     torch.manual_seed(args.seed)

@@ -361,11 +361,19 @@ def test_gradient_accumulation_does_not_change_the_update(sft_run, reward_run, t
         assert torch.allclose(one[name], four[name], atol=1e-5, rtol=0), name
 
 
-def test_warmup_cosine_schedule_and_checkpoint_limit(sft_run, reward_run, tmp_path):
+def test_warmup_cosine_schedule_checkpoint_limit_and_tensorboard(sft_run, reward_run, tmp_path):
+    from conftest import tensorboard_scalars
+
     output_dir = tmp_path / "schedule"
     short_run(sft_run, reward_run, output_dir, "--steps", "4", "--save_steps", "1", "--save_total_limit", "2",
-              "--lr_scheduler", "cosine", "--warmup_steps", "1", "--learning_rate", "1e-3")
+              "--lr_scheduler", "cosine", "--warmup_steps", "1", "--learning_rate", "1e-3",
+              "--report_to", "tensorboard")
     # One warmup step from 0, then half a cosine over the 3 remaining: 1, (1 + cos(pi/3))/2, (1 + cos(2pi/3))/2.
-    lrs = [row["lr"] for row in metrics_lines(output_dir)]
-    assert lrs == pytest.approx([0.0, 1e-3, 7.5e-4, 2.5e-4])
+    rows = metrics_lines(output_dir)
+    assert [row["lr"] for row in rows] == pytest.approx([0.0, 1e-3, 7.5e-4, 2.5e-4])
+    # TensorBoard got every metric of every step, in <output_dir>/logs/ppo (with the run's configuration).
+    scalars = tensorboard_scalars(output_dir / "logs" / "ppo")
+    for key in ("score/raw", "kl/sequence", "loss/policy", "lr"):
+        assert [step for step, _ in scalars[key]] == [1, 2, 3, 4], key
+        assert [value for _, value in scalars[key]] == pytest.approx([row[key] for row in rows], rel=1e-5), key
     assert sorted(path.name for path in (output_dir / "checkpoints").glob("step-*")) == ["step-000003", "step-000004"]
