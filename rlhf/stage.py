@@ -43,29 +43,23 @@ class StageOutputArgs:
                                 "<output_dir>/logs."})
 
 
-TRACKER_PACKAGES = {"tensorboard": ("tensorboard", "tensorboardX"), "wandb": ("wandb",), "mlflow": ("mlflow",),
-                    "comet_ml": ("comet_ml",), "aim": ("aim",), "clearml": ("clearml",), "swanlab": ("swanlab",),
-                    "trackio": ("trackio",)}
-
-
 def trackers(report_to) -> list[str]:
-    """The trackers report_to names (a name, a list, "none" or "all"), each checked to be installed, before
-    anything loads."""
-    import importlib.util
+    """The trackers report_to names (a name, a list, "none" or "all"), each checked against transformers' list of
+    integrations and what is installed, before anything loads."""
+    from transformers.integrations.integration_utils import (INTEGRATION_TO_CALLBACK,
+                                                             get_available_reporting_integrations)
 
     names = [report_to] if isinstance(report_to, str) else list(report_to or [])
     names = [name for name in names if name != "none"]
+    available = get_available_reporting_integrations()
     if names == ["all"]:
-        return [name for name, packages in TRACKER_PACKAGES.items()
-                if any(importlib.util.find_spec(package) for package in packages)]
+        return available
     for name in names:
-        packages = TRACKER_PACKAGES.get(name)
-        if packages is None:
+        if name not in INTEGRATION_TO_CALLBACK:
             raise ConfigError(f"report_to: unknown tracker {name!r}; expected none, all or some of "
-                              f"{', '.join(TRACKER_PACKAGES)}")
-        if not any(importlib.util.find_spec(package) for package in packages):
-            raise ConfigError(f"report_to: {name} is not installed; pip install {packages[0]} (or drop it from "
-                              "report_to)")
+                              f"{', '.join(sorted(INTEGRATION_TO_CALLBACK))}")
+        if name not in available:
+            raise ConfigError(f"report_to: {name} is not installed; pip install {name} (or drop it from report_to)")
     return names
 
 

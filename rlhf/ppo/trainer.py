@@ -140,17 +140,18 @@ def fit_prompts(records: list[dict], tokenizer, max_prompt_length: int, data_arg
 # ----------------------------------------------------------------------------------------------- checkpoints
 
 def save_checkpoint(models, optimizer, distributed: Distributed, step: int, kl_coef: float,
-                    checkpoint_root: Path) -> Path | None:
+                    checkpoint_root: Path) -> dict[str, torch.Tensor]:
     """checkpoints/step-N: the trainable parameters and the optimizer state whole, by name (so a run may resume on
     another number of processes, sharded or not). Every process takes part in gathering them; the main process
-    writes them into a temp folder and renames it: a killed run never leaves half a checkpoint."""
+    writes them into a temp folder and renames it: a killed run never leaves half a checkpoint. Returns the
+    gathered trainable parameters."""
     import shutil
 
     from safetensors.torch import save_file
 
     trainable, optimizer_state = distributed.full_state(models), distributed.optimizer_state(models, optimizer)
     if not distributed.accelerator.is_main_process:
-        return None
+        return trainable
     final = checkpoint_root / f"step-{step:06d}"
     temporary = checkpoint_root / f".step-{step:06d}.tmp"
     shutil.rmtree(temporary, ignore_errors=True)
@@ -160,16 +161,15 @@ def save_checkpoint(models, optimizer, distributed: Distributed, step: int, kl_c
     (temporary / "state.json").write_text(json.dumps({"step": step, "kl_coef": kl_coef}))
     shutil.rmtree(final, ignore_errors=True)
     temporary.rename(final)
-    return final
+    return trainable
 
 
-def policy_adapter_state(models, distributed: Distributed) -> dict[str, torch.Tensor]:
-    """The trainable parameters of the policy's peft model, whole and named as in that model (what peft's
-    save_pretrained picks the policy adapter from). A collective when sharded."""
+def policy_adapter_state(models, trainable: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The policy's peft model's share of the whole trainable parameters, named as in that model (what peft's
+    save_pretrained picks the policy adapter from)."""
     policy = models.policy_for_saving()
     prefix = next(name for name, module in models.named_modules() if module is policy) + "."
-    return {name[len(prefix):]: tensor for name, tensor in distributed.full_state(models).items()
-            if name.startswith(prefix)}
+    return {name[len(prefix):]: tensor for name, tensor in trainable.items() if name.startswith(prefix)}
 
 
 def tracker_config(config: dict) -> dict:
@@ -251,6 +251,7 @@ def main(argv: list[str] | None = None):
                           "training through gold_eval_prompts, or with rlhf eval-policy)")
 
     from accelerate import Accelerator
+    from accelerate.utils import DistributedType
 
     from rlhf import data
     from rlhf.manifest import config_hash, resolve_parent
@@ -263,8 +264,6 @@ def main(argv: list[str] | None = None):
     report_to = trackers(args.report_to)
     start_processes(args.ddp_timeout)
     accelerator = Accelerator(log_with=report_to or None, project_dir=str(logs_folder(args.output_dir, args.logging_dir)))
-    from accelerate.utils import DistributedType
-
     distributed = Distributed(accelerator, sharded=args.fsdp or accelerator.distributed_type == DistributedType.FSDP,
                               gather_for_generation=args.gather_for_generation)
     output_dir = Path(args.output_dir)
@@ -371,13 +370,12 @@ def main(argv: list[str] | None = None):
 
     # Save: the policy adapter (plain LoRA folder), the value adapter + head for further training, then the manifest.
     accelerator.wait_for_everyone()
-    save_checkpoint(models, optimizer, distributed, args.steps, kl_control.value, checkpoint_root)
-    policy_state = policy_adapter_state(models, distributed)
+    trainable_state = save_checkpoint(models, optimizer, distributed, args.steps, kl_control.value, checkpoint_root)
     if not accelerator.is_main_process:
         accelerator.end_training()
         return None
     models.policy_for_saving().save_pretrained(output_dir / "adapter", selected_adapters=[POLICY],
-                                               state_dict=policy_state)
+                                               state_dict=policy_adapter_state(models, trainable_state))
     tokenizer.save_pretrained(output_dir / "adapter")
     rotate_checkpoints(checkpoint_root, args.save_total_limit)
     logged = read_metrics_log(log_path)  # every step once, whether or not the run was resumed
