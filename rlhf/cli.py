@@ -9,11 +9,13 @@ import importlib
 import sys
 
 COMMANDS = {
-    "pipeline": ("rlhf.pipeline", "run SFT -> reward -> DPO/PPO -> evaluation from one pipeline recipe"),
+    "pipeline": ("rlhf.pipeline", "run SFT -> reward -> DPO/PPO/GRPO/RLOO -> evaluation from one pipeline recipe"),
     "sft": ("rlhf.sft", "supervised fine-tuning with a LoRA adapter"),
     "reward": ("rlhf.reward", "reward-model training (Bradley-Terry) from the SFT stage"),
     "dpo": ("rlhf.dpo", "direct preference optimisation from the SFT stage (reference = adapter off)"),
     "ppo": ("rlhf.ppo.trainer", "RLHF-PPO on the SFT policy with the reward model (LoRA, shared base)"),
+    "grpo": ("rlhf.grpo", "GRPO (TRL): group-relative policy optimisation, reward model and/or reward functions"),
+    "rloo": ("rlhf.rloo", "RLOO (TRL): REINFORCE with a leave-one-out baseline, reward model and/or functions"),
     "eval-rm": ("rlhf.evaluate.rm", "evaluate reward models on preference pairs (report, plots, scores)"),
     "eval-policy": ("rlhf.evaluate.policy", "sample policies on held-out prompts: gold reward, win-rates, KL"),
     "build-tiny": ("rlhf.tiny.build", "rebuild the offline tiny default (data, tokenizer, base model)"),

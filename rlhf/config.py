@@ -253,6 +253,10 @@ def parse_args(dataclass_types, argv: list[str] | None = None, prog: str | None 
             os.environ[name] = str(value)
         parser.set_defaults_with_config(**recipe)
     namespace = vars(parser.parse_args(args))
+    optional = {name for name, (annotation, _) in _field_types(dataclass_types).items() if _accepts(annotation, type(None))}
+    for name in optional & set(namespace):  # `--reward_model null` on the command line unsets it, as in a recipe
+        if namespace[name] in ("null", "None"):
+            namespace[name] = None
     instances = []
     for dataclass_type in dataclass_types:
         names = {item.name for item in dataclasses.fields(dataclass_type) if item.init}

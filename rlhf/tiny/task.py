@@ -78,6 +78,24 @@ def gold_reward(prompt: str, response: str) -> float:
     return sentiment * (1.0 if well_formed else 0.5) * (1.0 if relevant else 0.7)
 
 
+def gold_rewards(prompts: list, completions: list, **columns) -> list[float]:
+    """The gold reward as a reward function for the online stages (TRL's signature): a verifiable reward.
+
+        rlhf grpo --config recipes/tiny/grpo.yaml --reward_funcs rlhf.tiny.task.gold_rewards
+    """
+    return [gold_reward(_last_user_text(prompt), _text(completion)) for prompt, completion in zip(prompts, completions)]
+
+
+def _text(value) -> str:
+    return value if isinstance(value, str) else "".join(message["content"] for message in value)
+
+
+def _last_user_text(prompt) -> str:
+    if isinstance(prompt, str):
+        return prompt
+    return next((message["content"] for message in reversed(prompt) if message["role"] == "user"), "")
+
+
 def is_well_formed(response: str) -> bool:
     stripped = response.strip()
     return stripped.endswith((".", "!")) and 4 <= len(stripped.split()) <= 40
