@@ -101,11 +101,18 @@ class DataArgs:
         default=None, metadata={"help": "Prompt file to sample from after training to report the gold reward."}
     )
     gold_eval_samples: int = field(default=64, metadata={"help": "How many prompts the gold-reward report samples."})
+    gold_curve_points: int = field(
+        default=0, metadata={"help": "Policy stages: also sample gold_eval_prompts this many times during training, "
+                             "evenly spaced, into <output_dir>/gold_curve.jsonl (gold reward against training seconds, "
+                             "plotted by the pipeline). Its sampling has its own random state: training is unchanged. "
+                             "0 = off."})
 
     def __post_init__(self):
         _at_least_one("max_train_samples", self.max_train_samples, optional=True)
         _at_least_one("max_eval_samples", self.max_eval_samples, optional=True)
         _at_least_one("gold_eval_samples", self.gold_eval_samples)
+        _check_range("gold_curve_points", self.gold_curve_points, isinstance(self.gold_curve_points, int)
+                     and self.gold_curve_points >= 0, "an integer >= 0 (0 = off)")
 
 
 def check_training_ranges(training_args) -> None:

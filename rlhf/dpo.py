@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None):
         eval_dataset=data.to_dataset(eval_pairs) if eval_pairs else None,
         processing_class=tokenizer,
         peft_config=lora_config(model_args),
-        callbacks=stage_callbacks(),
+        callbacks=stage_callbacks(data_args, output_dir),
     )
     train_result = trainer.train(resume_from_checkpoint=resume_from)
     metrics = training_metrics(trainer, train_result)

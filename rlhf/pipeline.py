@@ -1,4 +1,4 @@
-"""The whole pipeline in one command: SFT -> reward model -> DPO and/or PPO -> evaluation -> report.
+"""The whole pipeline in one command: SFT -> reward model -> any of DPO, PPO, GRPO, RLOO -> evaluation -> report.
 
     rlhf pipeline --config recipes/tiny/pipeline.yaml
     rlhf pipeline --config recipes/tiny/pipeline.yaml --force            # rerun every stage
@@ -7,7 +7,9 @@
 Each stage runs as `accelerate launch --config_file <accelerate config> -m rlhf.<stage> --config <stage recipe>`,
 with the hand-off (init_from, reward_model, output_dir) filled in by the pipeline. A stage whose manifest holds the
 same configuration hash as this run would produce is skipped; a stage that was interrupted resumes from its last
-checkpoint; a stage whose configuration changed starts over. The report lands in <output_dir>/report.md.
+checkpoint; a stage whose configuration changed starts over. The report lands in <output_dir>/report.md: every
+policy stage side by side on the same SFT policy and reward model (gold reward, reward-model win-rate vs SFT, KL,
+length, EOS rate, wall time, peak memory) and their held-out gold reward against training seconds.
 """
 
 from __future__ import annotations
@@ -22,8 +24,10 @@ from pathlib import Path
 
 from rlhf.config import ConfigError, parse_args
 
-STAGE_MODULES = {"sft": "rlhf.sft", "reward": "rlhf.reward", "dpo": "rlhf.dpo", "ppo": "rlhf.ppo"}
-STAGE_ORDER = ["sft", "reward", "dpo", "ppo"]
+STAGE_MODULES = {"sft": "rlhf.sft", "reward": "rlhf.reward", "dpo": "rlhf.dpo", "ppo": "rlhf.ppo",
+                 "grpo": "rlhf.grpo", "rloo": "rlhf.rloo"}
+STAGE_ORDER = ["sft", "reward", "dpo", "ppo", "grpo", "rloo"]
+POLICY_STAGES = ["dpo", "ppo", "grpo", "rloo"]
 HASH_FILE = ".pipeline_hash"
 
 
@@ -31,12 +35,18 @@ HASH_FILE = ".pipeline_hash"
 class PipelineArgs:
     name: str = field(default="run", metadata={"help": "Run name (shown in the report)."})
     output_dir: str | None = field(default=None, metadata={"help": "Folder for every stage's output and the report."})
-    stages: list[str] = field(default_factory=lambda: list(STAGE_ORDER),
-                              metadata={"help": "Stages to run, in order: sft reward dpo ppo (dpo/ppo optional)."})
+    stages: list[str] = field(default_factory=lambda: ["sft", "reward"],
+                              metadata={"help": "Stages to run besides policy_stages: sft, reward (policy stages may "
+                                        "be listed here too)."})
+    policy_stages: list[str] = field(default_factory=list,
+                                     metadata={"help": "Policy methods to train from the same SFT policy and reward "
+                                               "model and compare side by side: any of dpo, ppo, grpo, rloo."})
     sft_recipe: str | None = field(default=None, metadata={"help": "Recipe of the SFT stage."})
     reward_recipe: str | None = field(default=None, metadata={"help": "Recipe of the reward-model stage."})
     dpo_recipe: str | None = field(default=None, metadata={"help": "Recipe of the DPO stage."})
     ppo_recipe: str | None = field(default=None, metadata={"help": "Recipe of the PPO stage."})
+    grpo_recipe: str | None = field(default=None, metadata={"help": "Recipe of the GRPO stage."})
+    rloo_recipe: str | None = field(default=None, metadata={"help": "Recipe of the RLOO stage."})
     accelerate_config: str = field(default="recipes/accelerate/cpu.yaml",
                                    metadata={"help": "Accelerate config every stage is launched with."})
     sft_args: list[str] = field(default_factory=list, metadata={"help": "Extra flags for the SFT stage."})
@@ -44,6 +54,8 @@ class PipelineArgs:
     dpo_args: list[str] = field(default_factory=list, metadata={"help": "Extra flags for the DPO stage."})
     ppo_args: list[str] = field(default_factory=list, metadata={"help": "Extra flags for the PPO stage, "
                                                                  "e.g. [--steps, 10]."})
+    grpo_args: list[str] = field(default_factory=list, metadata={"help": "Extra flags for the GRPO stage."})
+    rloo_args: list[str] = field(default_factory=list, metadata={"help": "Extra flags for the RLOO stage."})
     eval_prompts: str | None = field(default=None, metadata={"help": "Held-out prompts for the policy evaluation."})
     eval_preferences: str | None = field(default=None, metadata={"help": "Held-out pairs for the reward-model report."})
     eval_samples: int = field(default=128, metadata={"help": "Prompts sampled per policy in the evaluation."})
@@ -54,14 +66,19 @@ class PipelineArgs:
 ARG_TYPES = (PipelineArgs,)
 
 
+def run_stages(args: PipelineArgs) -> list[str]:
+    """Every stage to run, in pipeline order: `stages` and `policy_stages` together."""
+    return [stage for stage in STAGE_ORDER if stage in args.stages or stage in args.policy_stages]
+
+
 def stage_argv(stage: str, args: PipelineArgs, out: Path) -> list[str]:
     recipe = getattr(args, f"{stage}_recipe")
     if not recipe:
         raise ConfigError(f"pipeline: stage '{stage}' is listed but {stage}_recipe is not set")
     argv = ["--config", recipe, "--output_dir", str(out / stage)]
-    if stage in ("reward", "dpo", "ppo"):
+    if stage != "sft":
         argv += ["--init_from", str(out / "sft")]
-    if stage == "ppo":
+    if stage in ("ppo", "grpo", "rloo"):  # a recipe's extra flags may still set --reward_model null
         argv += ["--reward_model", str(out / "reward")]
     return argv + [str(item) for item in getattr(args, f"{stage}_args")]
 
@@ -156,9 +173,13 @@ def main(argv: list[str] | None = None) -> Path:
     unknown = [stage for stage in args.stages + args.only if stage not in STAGE_ORDER]
     if unknown:
         raise ConfigError(f"pipeline: unknown stage(s) {', '.join(unknown)}; stages are {', '.join(STAGE_ORDER)}")
+    unknown = [stage for stage in args.policy_stages if stage not in POLICY_STAGES]
+    if unknown:
+        raise ConfigError(f"pipeline: policy_stages: unknown {', '.join(unknown)}; pick any of {', '.join(POLICY_STAGES)}")
+    stages = run_stages(args)
     if not Path(args.accelerate_config).is_file():
         raise ConfigError(f"pipeline: accelerate config {args.accelerate_config}: file not found")
-    for stage in args.stages:
+    for stage in stages:
         recipe = getattr(args, f"{stage}_recipe")
         if not recipe or not Path(recipe).is_file():
             raise ConfigError(f"pipeline: {stage}_recipe {recipe!r}: file not found")
@@ -169,7 +190,7 @@ def main(argv: list[str] | None = None) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     timings_path = out / "pipeline.json"
     timings = json.loads(timings_path.read_text()) if timings_path.is_file() else {}
-    for stage in [stage for stage in STAGE_ORDER if stage in args.stages]:
+    for stage in stages:
         stage_dir = out / stage
         argv = stage_argv(stage, args, out)
         if args.only and stage not in args.only:
@@ -194,8 +215,8 @@ def main(argv: list[str] | None = None) -> Path:
 
     from rlhf.report import write_pipeline_report
 
-    gold_reward = recipe_gold_reward(args, out, [stage for stage in ("dpo", "ppo") if stage in args.stages])
-    report = write_pipeline_report(args, out, timings, gold_reward)
+    gold_reward = recipe_gold_reward(args, out, [stage for stage in POLICY_STAGES if stage in stages])
+    report = write_pipeline_report(args, out, stages, timings, gold_reward)
     print(f"[rlhf] pipeline done. Report: {report}")
     return report
 

@@ -236,3 +236,27 @@ def run_main(main, command: str, argv: list[str] | None = None) -> int:
         report_error(command, collective_failure_message(error), every_rank=True)
         os._exit(1)  # the process group is broken: shutting it down cleanly could wait forever
     return 0
+
+
+def resident_mib() -> tuple[float, float]:
+    """(resident set now, its peak so far) of this process, in MiB (Linux /proc; elsewhere the peak for both). The
+    peak is never reset: that would also lower what the kernel reports as the process's peak when it exits."""
+    try:
+        fields = dict(line.split(":", 1) for line in open("/proc/self/status").read().splitlines() if ":" in line)
+        return int(fields["VmRSS"].split()[0]) / 1024, int(fields["VmHWM"].split()[0]) / 1024
+    except (OSError, KeyError, ValueError):
+        import resource
+        import sys
+
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (2**20 if sys.platform == "darwin" else 1024)
+        return peak, peak
+
+
+def peak_memory_mib() -> float:
+    """This process's peak memory so far, in MiB: GPU memory allocated by torch when it used a GPU, else its peak
+    resident set."""
+    import torch
+
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resident_mib()[1]

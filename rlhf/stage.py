@@ -81,9 +81,10 @@ def point_trackers(output_dir: str, logging_dir: str | None) -> Path:
 
 # Keys that say how a run is carried out, not what it trains: left out of the configuration hash, so changing them
 # neither refuses a finished run nor its checkpoints (PPO's fsdp and gather_for_generation: sharded and unsharded
-# updates agree to float rounding, and checkpoints hold whole tensors either way).
+# updates agree to float rounding, and checkpoints hold whole tensors either way; the gold curve samples under its own
+# random state).
 RUN_ONLY_KEYS = ("output_dir", "overwrite", "ddp_timeout", "logging_dir", "report_to", "fsdp",
-                 "gather_for_generation")
+                 "gather_for_generation", "gold_curve_points")
 
 LOCK_NAME = ".lock"
 
@@ -301,9 +302,35 @@ class NonFiniteLossGuard(TrainerCallback):
             )
 
 
-def stage_callbacks() -> list[TrainerCallback]:
-    """The callbacks every TRL-trained stage runs with."""
-    return [NonFiniteLossGuard(), CheckpointCompleteMarker()]
+class GoldCurveCallback(TrainerCallback):
+    """Held-out gold reward a few times during training (see rlhf.evaluate.curve), sampled by the main process.
+    Skipped when the model is sharded (FSDP, DeepSpeed): one process cannot sample a model the others hold."""
+
+    def __init__(self, data_args: DataArgs, output_dir: str):
+        self.data_args, self.output_dir, self.curve = data_args, output_dir, None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        from rlhf.evaluate.curve import gold_curve
+
+        if not state.is_world_process_zero or not self.data_args.gold_curve_points:
+            return
+        if args.fsdp or args.deepspeed:
+            logger.warning("gold_curve_points: skipped, the model is sharded over the processes")
+            return
+        self.curve = gold_curve(self.data_args, self.output_dir, state.max_steps, args.seed)
+        if self.curve:
+            self.curve.start(state.global_step)
+
+    def on_step_end(self, args, state, control, model=None, processing_class=None, **kwargs):
+        if self.curve and self.curve.due(state.global_step):
+            self.curve.record(model, processing_class, state.global_step)
+
+
+def stage_callbacks(data_args: DataArgs | None = None, output_dir: str | None = None) -> list[TrainerCallback]:
+    """The callbacks every TRL-trained stage runs with; a policy stage passes its data arguments and output folder
+    for the gold curve."""
+    curve = [GoldCurveCallback(data_args, output_dir)] if data_args is not None else []
+    return [NonFiniteLossGuard(), CheckpointCompleteMarker(), *curve]
 
 
 def logged_losses(log_history: list[dict], key: str = "loss") -> list[float]:
@@ -315,9 +342,10 @@ def training_metrics(trainer, train_result) -> dict:
     metrics = {"train_loss": train_result.training_loss, "steps": trainer.state.global_step,
                "world_size": trainer.accelerator.num_processes,
                "train_seconds": train_result.metrics.get("train_runtime")}
-    losses = logged_losses(trainer.state.log_history)
-    if losses:
-        metrics.update(first_logged_loss=losses[0], last_logged_loss=losses[-1])
+    for key in ("loss", "reward"):  # reward: what the online stages (grpo, rloo) maximise, per logged step
+        logged = logged_losses(trainer.state.log_history, key)
+        if logged:
+            metrics.update({f"first_logged_{key}": logged[0], f"last_logged_{key}": logged[-1]})
     return metrics
 
 
@@ -385,7 +413,7 @@ def stage_config(model_args: ModelArgs, data_args: DataArgs, training_args, stag
         **({"stage": to_plain_dict(stage_args)} if stage_args is not None else {}),
         "parent_config_hash": parent.config_hash if parent else None,
     }
-    for section in ("training", "stage"):
+    for section in ("training", "stage", "data"):
         for key in RUN_ONLY_KEYS:
             config.get(section, {}).pop(key, None)
     reward_model = getattr(training_args, "reward_model", None) or getattr(stage_args, "reward_source", None)
@@ -416,7 +444,9 @@ def write_stage(
     Checks of the finished model (`after_save(manifest) -> metrics`, the gold-reward report) run on the model
     reloaded from disk: that proves the saved files are what was trained, whatever the sharding."""
     from rlhf.models import load_stage_output, save_merged_copy
+    from rlhf.processes import peak_memory_mib
 
+    metrics = {**metrics, "peak_memory_mib": peak_memory_mib()}  # training's peak, before the checks load more
     output = Path(output_dir)
     adapter_path = "adapter" if model_args.use_lora else None
     local_base = Path(base_model)

@@ -1,7 +1,11 @@
 """Shared fixtures: the repo's paths, and one tiny SFT run reused by every test that needs a trained policy."""
 
 import os
+import signal
+import subprocess
+import time
 from pathlib import Path
+from typing import Callable
 
 import pytest
 
@@ -65,6 +69,17 @@ def ppo_run(sft_run, reward_run, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def grpo_run(sft_run, reward_run, tmp_path_factory):
+    """The tiny GRPO recipe (rewarded by the session's reward model) on the session's SFT run; returns its manifest."""
+    from rlhf import grpo
+
+    output_dir = tmp_path_factory.mktemp("runs") / "grpo"
+    os.chdir(REPO)
+    return grpo.main(["--config", "recipes/tiny/grpo.yaml", "--init_from", sft_run.output_dir,
+                      "--reward_model", reward_run.output_dir, "--output_dir", str(output_dir)])
+
+
+@pytest.fixture(scope="session")
 def lora_reward_run(sft_run, tmp_path_factory):
     """A short LoRA reward model (adapter + score head) on the session's SFT run: the shape real models use."""
     from rlhf import reward
@@ -95,3 +110,15 @@ def tensorboard_scalars(folder: Path) -> dict[str, list[tuple[int, float]]]:
                 if value.HasField("simple_value"):
                     scalars.setdefault(value.tag, []).append((event.step, value.simple_value))
     return scalars
+
+
+def kill_when(command: list[str], ready: Callable[[], bool], timeout: float = 300) -> None:
+    """Start `command` (from the repo), SIGKILL its whole process group as soon as `ready()` holds."""
+    process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               start_new_session=True)
+    deadline = time.time() + timeout
+    while not ready() and time.time() < deadline and process.poll() is None:
+        time.sleep(0.2)
+    assert ready(), f"{' '.join(command)} ended or timed out before it was to be killed"
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()

@@ -2,16 +2,13 @@
 on the same folder is refused, a diverging loss stops the stage."""
 
 import json
-import os
 import shutil
-import signal
 import subprocess
 import sys
-import time
 
 import pytest
 
-from conftest import REPO
+from conftest import REPO, kill_when
 from rlhf.cli import main
 from rlhf.stage import COMPLETE_MARKER, complete_checkpoints, hold_output_lock
 
@@ -115,13 +112,7 @@ def test_killed_stage_resumes_from_its_last_complete_checkpoint(tmp_path):
     checkpoints = output_dir / "checkpoints"
     command = [sys.executable, "-m", "rlhf.cli", *SFT, "--output_dir", str(output_dir), "--max_steps", "60",
                "--save_steps", "10", "--gold_eval_prompts", "", "--eval_data", ""]
-    process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                               start_new_session=True)
-    deadline = time.time() + 300
-    while not (checkpoints / "checkpoint-20" / COMPLETE_MARKER).is_file() and time.time() < deadline:
-        time.sleep(0.2)
-    os.killpg(process.pid, signal.SIGKILL)
-    process.wait()
+    kill_when(command, lambda: (checkpoints / "checkpoint-20" / COMPLETE_MARKER).is_file())
     assert not (output_dir / "manifest.json").exists()
     last_complete = complete_checkpoints(checkpoints)[-1]
     assert int(last_complete.name.split("-")[1]) >= 20

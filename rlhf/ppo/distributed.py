@@ -22,6 +22,8 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
+from rlhf.processes import resident_mib
+
 
 def is_sharded(parameter: torch.Tensor) -> bool:
     from torch.distributed.tensor import DTensor
@@ -37,20 +39,6 @@ def transformer_blocks(models: nn.Module) -> list[nn.Module]:
     names = {name for module in models.modules() if isinstance(module, PreTrainedModel)
              for name in (module._no_split_modules or [])}
     return [module for module in models.modules() if type(module).__name__ in names]
-
-
-def resident_mib() -> tuple[float, float]:
-    """(resident set now, its peak so far) of this process, in MiB (Linux /proc; elsewhere the peak for both). The
-    peak is never reset: that would also lower what the kernel reports as the process's peak when it exits."""
-    try:
-        fields = dict(line.split(":", 1) for line in open("/proc/self/status").read().splitlines() if ":" in line)
-        return int(fields["VmRSS"].split()[0]) / 1024, int(fields["VmHWM"].split()[0]) / 1024
-    except (OSError, KeyError, ValueError):
-        import resource
-        import sys
-
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (2**20 if sys.platform == "darwin" else 1024)
-        return peak, peak
 
 
 class Distributed:

@@ -1,0 +1,52 @@
+"""The gold curve: evenly spaced points, sampling that leaves training's random state alone, resume."""
+
+import json
+import time
+
+import torch
+
+from conftest import TINY_BASE, TINY_DATA
+from rlhf.config import ModelArgs
+from rlhf.data import load_prompts
+from rlhf.evaluate.curve import GoldCurve, read_curve
+from rlhf.models import load_causal_lm, load_tokenizer
+from rlhf.tiny.task import gold_reward
+
+
+def make_curve(tmp_path, points=3, total_steps=12):
+    prompts = [record["prompt"] for record in load_prompts(str(TINY_DATA / "prompts_test.jsonl"))[:4]]
+    return GoldCurve(str(tmp_path), prompts, gold_reward, points, total_steps, max_new_tokens=8)
+
+
+def test_points_are_evenly_spaced_and_end_with_training(tmp_path):
+    assert make_curve(tmp_path, 3, 12).steps == [4, 8, 12]
+    assert make_curve(tmp_path, 5, 3).steps == [1, 2, 3]  # more points than steps: one per step
+
+
+def test_a_point_leaves_the_training_state_as_it_was_and_its_time_out(tmp_path):
+    model, tokenizer = load_causal_lm(TINY_BASE, ModelArgs()).train(), load_tokenizer(TINY_BASE)
+    tokenizer.padding_side = "right"
+    curve = make_curve(tmp_path)
+    curve.start()
+    time.sleep(0.2)
+    torch.manual_seed(7)
+    rng_before = torch.get_rng_state()
+    evaluation_started = time.perf_counter()
+    row = curve.record(model, tokenizer, step=4)
+    evaluation_seconds = time.perf_counter() - evaluation_started
+    assert torch.equal(torch.get_rng_state(), rng_before)  # training draws what it would have drawn
+    assert model.training and tokenizer.padding_side == "right"
+    assert 0.2 <= row["seconds"] < 0.2 + evaluation_seconds / 2 + 0.1
+    assert 0 <= row["gold_reward"] <= 1 and read_curve(tmp_path / "gold_curve.jsonl") == [row]
+    second = curve.record(model, tokenizer, step=8)
+    assert second["seconds"] - row["seconds"] < evaluation_seconds / 2  # the first evaluation is not counted
+
+
+def test_a_resumed_run_keeps_the_points_up_to_its_checkpoint(tmp_path):
+    rows = [{"step": step, "seconds": 10.0 * step, "gold_reward": 0.5, "eos_rate": 1.0, "response_length": 9.0}
+            for step in (4, 8)]
+    (tmp_path / "gold_curve.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows) + '{"step": 12, "sec')
+    curve = make_curve(tmp_path)
+    curve.start(resumed_step=4)
+    assert read_curve(tmp_path / "gold_curve.jsonl") == rows[:1]
+    assert curve.offset == 40.0

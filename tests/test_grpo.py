@@ -1,0 +1,127 @@
+"""GRPO and RLOO stages: they beat SFT on the tiny task's gold reward, rewarded by the reward model or by the gold
+function; rewards are checked before any model loads; the reward-model gate; two processes; resume after a kill."""
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO, kill_when
+from rlhf import grpo, rloo
+from rlhf.cli import main as cli
+from rlhf.stage import COMPLETE_MARKER, complete_checkpoints
+
+GOLD_FUNCTION = "rlhf.tiny.task.gold_rewards"
+
+
+def sft_gold(sft_run) -> float:
+    return sft_run.metrics["gold"]["gold_reward"]["mean"]
+
+
+def test_grpo_on_the_reward_model_beats_sft(grpo_run, sft_run):
+    gold = grpo_run.metrics["gold"]["gold_reward"]["mean"]
+    assert gold >= 1.25 * sft_gold(sft_run), (sft_gold(sft_run), gold)
+    assert grpo_run.metrics["last_logged_reward"] > grpo_run.metrics["first_logged_reward"] + 0.3
+    assert grpo_run.extra["rewards"] == ["reward_model"] and grpo_run.extra["reference"].startswith("parent policy")
+
+
+def test_rloo_on_the_reward_model_beats_sft(sft_run, reward_run, tmp_path):
+    manifest = rloo.main(["--config", "recipes/tiny/rloo.yaml", "--init_from", sft_run.output_dir,
+                          "--reward_model", reward_run.output_dir, "--output_dir", str(tmp_path / "rloo")])
+    gold = manifest.metrics["gold"]["gold_reward"]["mean"]
+    assert gold >= 1.25 * sft_gold(sft_run), (sft_gold(sft_run), gold)
+    assert manifest.stage == "rloo"
+
+
+def test_grpo_on_the_gold_function_alone_beats_sft_by_half(sft_run, tmp_path):
+    """A verifiable reward: no reward model at all, the task's gold reward as a reward function."""
+    manifest = grpo.main(["--config", "recipes/tiny/grpo.yaml", "--init_from", sft_run.output_dir,
+                          "--reward_model", "null", "--reward_funcs", GOLD_FUNCTION, "--output_dir", str(tmp_path / "g")])
+    gold = manifest.metrics["gold"]["gold_reward"]["mean"]
+    assert gold >= 1.5 * sft_gold(sft_run), (sft_gold(sft_run), gold)
+    assert manifest.extra["rewards"] == ["gold_rewards"] and manifest.extra["reward_model"] is None
+
+
+BAD_REWARDS = '''
+def one_value(prompts, completions, **columns):
+    return [1.0]
+
+def words(prompts, completions, **columns):
+    return ["good" for _ in completions]
+
+def needs_answer(prompts, completions, answer, **columns):
+    return [float(a in c[0]["content"]) for a, c in zip(answer, completions)]
+'''
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("no_such_package.reward", "cannot import module 'no_such_package'"),
+    ("bad_rewards.missing", "module bad_rewards has no 'missing'"),
+    ("bad_rewards.one_value", "returned 1 values for 2 completions"),
+    ("bad_rewards.words", r"value 0 is 'good' \(str\); expected a number"),
+    ("bad_rewards.needs_answer", "failed on a probe call .* missing 1 required positional argument: 'answer'.* with columns \\['item'\\]"),
+    ("length", "neither a TRL reward"),
+])
+def test_bad_reward_functions_fail_before_any_model_loads(sft_run, tmp_path, monkeypatch, capsys, spec, message):
+    (tmp_path / "bad_rewards.py").write_text(BAD_REWARDS)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    output_dir = tmp_path / "out"
+    code = cli(["grpo", "--config", "recipes/tiny/grpo.yaml", "--init_from", sft_run.output_dir, "--reward_model",
+                "null", "--reward_funcs", spec, "--output_dir", str(output_dir)])
+    error = capsys.readouterr().err
+    assert code == 1
+    assert re.search(message, error), error
+    assert not output_dir.exists()  # refused before the output folder (and any model) was touched
+
+
+def test_weak_reward_model_is_refused_with_what_was_measured(sft_run, reward_run, tmp_path, capsys):
+    weak = tmp_path / "weak_reward"
+    shutil.copytree(reward_run.output_dir, weak)
+    manifest = json.loads((weak / "manifest.json").read_text())
+    manifest["metrics"]["eval_accuracy"] = 0.55
+    (weak / "manifest.json").write_text(json.dumps(manifest))
+    argv = ["grpo", "--config", "recipes/tiny/grpo.yaml", "--init_from", sft_run.output_dir, "--reward_model", str(weak),
+            "--output_dir", str(tmp_path / "out")]
+    assert cli(argv) == 1
+    error = capsys.readouterr().err
+    assert "held-out accuracy 0.550, below min_reward_accuracy 0.6" in error
+    argv[argv.index(str(weak))] = reward_run.output_dir
+    assert cli(argv + ["--reward_weights", "1.0", "2.0"]) == 1  # 2 weights, 1 reward
+    assert "reward_weights has 2 weights for 1 rewards" in capsys.readouterr().err
+
+
+def test_grpo_under_two_processes(sft_run, reward_run, tmp_path):
+    output_dir = tmp_path / "grpo2"
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", "recipes/accelerate/cpu_2proc.yaml",
+               "-m", "rlhf.grpo", "--config", "recipes/tiny/grpo.yaml", "--init_from", sft_run.output_dir,
+               "--reward_model", reward_run.output_dir, "--reward_funcs", GOLD_FUNCTION, "--reward_weights", "1.0",
+               "0.5", "--per_device_train_batch_size", "16", "--max_steps", "3", "--logging_steps", "1",
+               "--gold_eval_prompts", "", "--output_dir", str(output_dir)]
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600,
+                            env={**os.environ, "ACCELERATE_USE_CPU": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    manifest = json.loads((output_dir / "manifest.json").read_text())
+    assert manifest["metrics"]["world_size"] == 2 and manifest["metrics"]["steps"] == 3
+    assert manifest["extra"]["rewards"] == ["reward_model", "gold_rewards"]
+    assert manifest["extra"]["reward_weights"] == [1.0, 0.5]
+
+
+def test_killed_grpo_resumes_from_its_last_complete_checkpoint(sft_run, reward_run, tmp_path):
+    output_dir = tmp_path / "grpo"
+    checkpoints = output_dir / "checkpoints"
+    command = [sys.executable, "-m", "rlhf.cli", "grpo", "--config", "recipes/tiny/grpo.yaml", "--init_from",
+               sft_run.output_dir, "--reward_model", reward_run.output_dir, "--output_dir", str(output_dir),
+               "--max_steps", "12", "--save_steps", "4", "--gold_eval_prompts", ""]
+    kill_when(command, lambda: (checkpoints / "checkpoint-4" / COMPLETE_MARKER).is_file())
+    assert not (output_dir / "manifest.json").exists()
+    last_complete = complete_checkpoints(checkpoints)[-1]
+
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"resuming from {last_complete}" in result.stderr
+    manifest = json.loads((output_dir / "manifest.json").read_text())
+    assert manifest["metrics"]["steps"] == 12
