@@ -46,7 +46,8 @@ def run_ppo(sft: Path, reward: Path, settings: list[str], work: Path, tag: str, 
     measured = run_measured(launch(
         "rlhf.ppo", "--config", "recipes/tiny/ppo.yaml", "--init_from", sft, "--reward_model", reward,
         "--output_dir", out, "--value_init", "reward", "--gold_reward", "", "--gold_eval_prompts", "",
-        "--save_steps", "0", "--save_merged", "false", *settings, *flags,
+        "--save_steps", "0", "--save_merged", "false", "--min_reward_accuracy", "0",  # one-step RM: no eval
+        *settings, *flags,
         accelerate_config="recipes/accelerate/cpu_2proc.yaml"), work / "logs" / f"{out.name}.log",
         env={"ACCELERATE_USE_CPU": "1", **(env or {})})
     steps = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]

@@ -71,7 +71,9 @@ def run_ours(sft: Path, reward: Path, settings: list[str], work: Path, tag: str,
         "rlhf.ppo", "--config", "recipes/tiny/ppo.yaml", "--init_from", sft, "--reward_model", reward,
         "--output_dir", out, "--layout", "shared", "--value_init", value_init, "--gold_reward", "",
         "--gold_eval_prompts", "", "--save_steps", "0", "--save_merged", "false", "--lr_scheduler", "linear",
-        "--reward_clip", "5.0", "--critic", critic, *settings), work / "logs" / f"ours_{tag}.log")
+        "--reward_clip", "5.0", "--critic", critic,
+        "--min_reward_accuracy", "0",  # the 30M points' one-step reward model has no eval_data to gate on
+        *settings), work / "logs" / f"ours_{tag}.log")
     steps = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     later = steps[1:] or steps
     split = {part: statistics.mean(step[f"time/{part}"] for step in later) for part in ("generation", "scoring", "training")}

@@ -99,7 +99,8 @@ def run_point(work: Path, tag: str, layers: int, length: int, steps: int) -> dic
     ppo = stage("ppo", "rlhf.ppo", "--config", "recipes/tiny/ppo.yaml", "--init_from", sft, "--reward_model", reward,
                 "--steps", "3", "--rollout_batch_size", str(PPO_ROLLOUT), "--mini_batch_size", str(BATCH),
                 "--ppo_epochs", "2", "--max_new_tokens", str(length // 4), "--gold_reward", "",
-                "--gold_eval_prompts", "", "--save_steps", "0", "--save_merged", "false")
+                "--gold_eval_prompts", "", "--save_steps", "0", "--save_merged", "false",
+                "--min_reward_accuracy", "0")  # a few-step reward model without eval_data: no accuracy to gate on
     later = [json.loads(line) for line in (ppo / "metrics.jsonl").read_text().splitlines()][1:]
     prompt_tokens = mean_prompt_tokens()
     seconds = statistics.mean(step["time/step"] for step in later)

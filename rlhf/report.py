@@ -26,7 +26,8 @@ def stage_summary(stage: str, metrics: dict) -> str:
         parts.append(f"reward mean/std {metrics['reward_mean']:.2f}/{metrics['reward_std']:.2f}")
     if stage == "ppo" and metrics.get("last"):
         first, last = metrics["first"], metrics["last"]
-        parts.append(f"RM score {first['score/raw']:.2f} → {last['score/raw']:.2f}, KL {last['kl/sequence']:.2f}")
+        name, key = ("RM score", "score/raw") if "score/raw" in first else ("score", "score/combined")  # functions only
+        parts.append(f"{name} {first[key]:.2f} → {last[key]:.2f}, KL {last['kl/sequence']:.2f}")
     if "gold" in metrics:
         parts.append(f"gold reward {format_interval(metrics['gold']['gold_reward'])}")
     return "; ".join(parts)

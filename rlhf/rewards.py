@@ -174,8 +174,7 @@ def load_reward_functions(specs: list[str], probe_records: list[dict]) -> list[C
         function = checked(load_reward_function(spec), spec)
         prompts = [record["prompt"] for record in probe_records]
         completions = [[{"role": "assistant", "content": ""}] if isinstance(prompt, list) else "" for prompt in prompts]
-        columns = {key: [record.get(key) for record in probe_records]
-                   for key in dict.fromkeys(key for record in probe_records for key in record) if key != "prompt"}
+        columns = record_columns(probe_records)
         try:
             function(prompts, completions, completion_ids=[[] for _ in prompts], **columns)
         except ConfigError:
@@ -187,6 +186,13 @@ def load_reward_functions(specs: list[str], probe_records: list[dict]) -> list[C
                               f"{sorted(columns) or 'none'}") from None
         functions.append(function)
     return functions
+
+
+def record_columns(records: list[dict]) -> dict[str, list]:
+    """Every column of the prompt records but the prompt, as lists (None where a record lacks it): what a reward
+    function receives by name, as TRL passes a dataset's extra columns."""
+    names = dict.fromkeys(key for record in records for key in record if key != "prompt")
+    return {name: [record.get(name) for record in records] for name in names}
 
 
 def completion_text(completion) -> str:

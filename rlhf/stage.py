@@ -416,7 +416,7 @@ def stage_config(model_args: ModelArgs, data_args: DataArgs, training_args, stag
     for section in ("training", "stage", "data"):
         for key in RUN_ONLY_KEYS:
             config.get(section, {}).pop(key, None)
-    reward_model = getattr(training_args, "reward_model", None) or getattr(stage_args, "reward_source", None)
+    reward_model = getattr(training_args, "reward_source", None) or getattr(stage_args, "reward_source", None)
     from rlhf.manifest import MANIFEST_NAME
 
     if reward_model and (Path(reward_model) / MANIFEST_NAME).is_file():

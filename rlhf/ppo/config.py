@@ -3,16 +3,20 @@ task does not need otherwise."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from rlhf.config import ConfigError
+from rlhf.rewards import RewardArgs
 from rlhf.stage import StageOutputArgs
 
 
 @dataclass
-class PPOArgs(StageOutputArgs):
+class PPOArgs(RewardArgs, StageOutputArgs):
+    """The reward comes from RewardArgs: reward_model (a reward stage folder; PPO runs that stage's model itself, so
+    a hub classifier is not accepted) and/or reward_funcs, weighed by reward_weights."""
+
     output_dir: str | None = field(default=None, metadata={"help": "Stage output folder."})
-    reward_model: str | None = field(default=None, metadata={"help": "Reward stage folder (its manifest is read)."})
     layout: str = field(
         default="shared",
         metadata={"help": "shared: one frozen base; policy, value and reward are LoRA adapters on it and the reference "
@@ -20,8 +24,9 @@ class PPOArgs(StageOutputArgs):
                   "choices": ["shared", "separate"]},
     )
     value_init: str = field(
-        default="reward", metadata={"help": "Initialise the value model from the reward model (adapter + head) or "
-                                    "from the policy (fresh adapter, zero head).", "choices": ["reward", "policy"]}
+        default="reward", metadata={"help": "Initialise the value model from the reward model (adapter + head; needs "
+                                    "reward_model) or from the policy (fresh adapter, zero head).",
+                                    "choices": ["reward", "policy"]}
     )
     critic: str = field(
         default="separate",
@@ -75,6 +80,10 @@ class PPOArgs(StageOutputArgs):
                   "recomputed forward (false) keeps the first update exactly on-policy."},
     )
     # Rewards
+    reward_weights: list[float] | None = field(
+        default=None, metadata={"help": "One weight per reward, the reward model first (when there is one), then each "
+                                "of reward_funcs in order; the score is their weighted sum (a function's None counts "
+                                "0). Default: 1.0 each."})
     kl_coef: float = field(default=0.05, metadata={"help": "Initial per-token KL penalty coefficient."})
     kl_estimator: str = field(default="k1", metadata={"help": "k1 (log ratio) or k3 (non-negative).", "choices": ["k1", "k3"]})
     target_kl: float | None = field(default=None, metadata={"help": "Adaptive KL: target KL per sequence (None = fixed)."})
@@ -82,13 +91,13 @@ class PPOArgs(StageOutputArgs):
     missing_eos_penalty: float | None = field(
         default=1.0,
         metadata={"help": "Subtracted from the score of each response that never emits EOS, as the last step of "
-                  "scoring: after normalize_reward and after reward_clip. Its units are therefore reward-model "
-                  "standard deviations when normalize_reward is on (raw reward-model units when off), and clipping "
-                  "never absorbs it: a truncated response scores between -(reward_clip + this) and "
+                  "scoring: after normalize_reward and after reward_clip, from the combined score (reward model and "
+                  "reward_funcs, weighed). Its units are therefore those of that score: for the reward model, "
+                  "reward-model standard deviations when normalize_reward is on (raw reward-model units when off). "
+                  "Clipping never absorbs it: a truncated response scores between -(reward_clip + this) and "
                   "reward_clip - this. null = no penalty."},
     )
-    normalize_reward: bool = field(default=True, metadata={"help": "Normalise scores with the RM manifest's mean/std."})
-    reward_clip: float | None = field(default=5.0, metadata={"help": "Clip (normalised) scores to ±this."})
+    reward_clip: float | None = field(default=5.0, metadata={"help": "Clip the combined score to ±this."})
     whiten_rewards: bool = field(default=False, metadata={"help": "Whiten per-token rewards (keeping their mean)."})
     # Advantages and losses
     gamma: float = field(default=1.0, metadata={"help": "Discount."})
@@ -112,7 +121,8 @@ class PPOArgs(StageOutputArgs):
                   "all; or none), written under logging_dir."})
 
     def __post_init__(self):
-        """Ranges and divisibility, checked before anything loads."""
+        """Ranges and divisibility, checked before anything loads (the rewards themselves: in the trainer's main)."""
+        super().__post_init__()
         positive_ints = ("steps", "rollout_batch_size", "mini_batch_size", "gradient_accumulation_steps", "ppo_epochs",
                          "max_new_tokens", "max_prompt_length", "kl_horizon", "ddp_timeout")
         for name in positive_ints:
@@ -149,5 +159,9 @@ class PPOArgs(StageOutputArgs):
             raise ConfigError(f"ppo: mini_batch_size ({self.mini_batch_size}) must be a multiple of "
                               f"gradient_accumulation_steps ({self.gradient_accumulation_steps}), so every "
                               "micro-batch holds the same number of rollouts")
+        if self.reward_weights is not None and not all(
+                isinstance(weight, (int, float)) and not isinstance(weight, bool) and math.isfinite(weight)
+                for weight in self.reward_weights):
+            raise ConfigError(f"ppo: reward_weights: expected a list of numbers, got {self.reward_weights!r}")
         if self.critic == "shared" and self.layout != "shared":
             raise ConfigError("ppo: critic: shared puts the value head on the shared policy; use layout: shared")

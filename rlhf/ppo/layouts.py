@@ -7,6 +7,9 @@ reference is the same base with every adapter disabled. One copy of the weights,
 separate: four full models, as the original RLHF recipes hold them: policy (SFT copy + LoRA), reference (SFT copy),
 value (reward-model copy + LoRA + head) and reward (reward-model copy). Kept so the two can be compared.
 
+Without a reward model (PPO on reward functions only) neither layout loads one: no reward adapter or model, and
+`scores` is never called (`has_reward_model` is False).
+
 Both expose the same methods; the trainer never knows which one it has.
 """
 
@@ -29,6 +32,7 @@ from rlhf.models import (
 )
 
 POLICY, VALUE, REWARD_ADAPTER = "default", "value", "reward"
+NO_REWARD_MODEL = "none (reward functions)"
 
 
 def body_of(causal_lm) -> nn.Module:
@@ -78,8 +82,8 @@ class Roles(nn.Module):
 class SharedBaseModels(Roles):
     layout = "shared"
 
-    def __init__(self, policy_base, model_args: ModelArgs, reward: Manifest, value_init: str, separate_reward=None,
-                 critic: str = "separate"):
+    def __init__(self, policy_base, model_args: ModelArgs, reward: Manifest | None, value_init: str,
+                 separate_reward=None, critic: str = "separate"):
         super().__init__()
         from peft import get_peft_model, set_peft_model_state_dict
 
@@ -91,7 +95,10 @@ class SharedBaseModels(Roles):
         self.model = get_peft_model(policy_base, lora_config(model_args), adapter_name=POLICY)
         hidden_size, dtype = policy_base.config.hidden_size, policy_base.dtype
         self.reward_model = separate_reward
-        if separate_reward is None:  # the reward model is an adapter + score head on this same base
+        self.has_reward_model = reward is not None
+        if reward is None:  # reward functions only
+            check_value_init(value_init, critic, reward)
+        elif separate_reward is None:  # the reward model is an adapter + score head on this same base
             reward_config, reward_tensors = read_adapter(reward.path(reward.adapter_path))
             reward_lora, reward_head = split_head_weights(reward_tensors)
             reward_config.modules_to_save, reward_config.task_type, reward_config.inference_mode = None, "CAUSAL_LM", False
@@ -119,7 +126,9 @@ class SharedBaseModels(Roles):
 
     @property
     def reward_placement(self) -> str:
-        return "adapter on the shared base" if self.reward_model is None else "separate model (trained in full)"
+        if self.reward_model is not None:
+            return "separate model (trained in full)"
+        return "adapter on the shared base" if self.has_reward_model else NO_REWARD_MODEL
 
     def _use(self, adapter: str) -> None:
         # Every method that runs an adapter names it here; switching only when it changes saves peft's walk over
@@ -201,7 +210,6 @@ class SharedBaseModels(Roles):
 
 class SeparateModels(Roles):
     layout = "separate"
-    reward_placement = "separate model"
     shared_critic = False
 
     def __init__(self, policy_base, reference, reward_model, model_args: ModelArgs, value_init: str, value_body):
@@ -210,11 +218,18 @@ class SeparateModels(Roles):
 
         self.policy = get_peft_model(policy_base, lora_config(model_args))
         self.reference = reference.requires_grad_(False).eval()
-        self.reward_model = reward_model.requires_grad_(False).eval()
+        self.has_reward_model = reward_model is not None
+        if reward_model is None:
+            check_value_init(value_init, "separate", None)
+        self.reward_model = reward_model.requires_grad_(False).eval() if reward_model is not None else None
         self.value_model = get_peft_model(value_body, lora_config(model_args))
         hidden_size, dtype = policy_base.config.hidden_size, policy_base.dtype
         score = reward_model.score.weight.detach().clone() if value_init == "reward" else None
         self.value_head = head_from_weights({"weight": score} if score is not None else None, hidden_size, dtype)
+
+    @property
+    def reward_placement(self) -> str:
+        return "separate model" if self.has_reward_model else NO_REWARD_MODEL
 
     def policy_parameters(self):
         return [p for p in self.policy.parameters() if p.requires_grad]
@@ -255,14 +270,24 @@ class SeparateModels(Roles):
         return self.policy.generation_config
 
 
-def build_models(layout: str, policy_parent: Manifest, reward: Manifest, model_args: ModelArgs, value_init: str,
-                 critic: str = "separate"):
+def check_value_init(value_init: str, critic: str, reward: Manifest | None) -> None:
+    """value_init: reward copies the reward model; without one there is nothing to copy."""
+    if reward is None and value_init == "reward" and critic != "shared":
+        raise ConfigError("value_init: reward initialises the value model from the reward model, but this run has "
+                          "none (reward_funcs only); use value_init: policy")
+
+
+def build_models(layout: str, policy_parent: Manifest, reward: Manifest | None, model_args: ModelArgs,
+                 value_init: str, critic: str = "separate"):
     """Load the roles for the chosen layout. In the shared layout a LoRA reward model must sit on the same base as
     the policy (trained from the same SFT stage), since its adapter is applied to that base; a reward model trained in
-    full is held as its own model beside the shared base."""
+    full is held as its own model beside the shared base. reward None: no reward model (reward functions only)."""
     from rlhf.models import REWARD
 
+    check_value_init(value_init, critic, reward)  # before any model loads
     policy_base = load_stage_output(policy_parent, model_args, CAUSAL_LM)
+    if layout == "shared" and reward is None:
+        return SharedBaseModels(policy_base, model_args, None, value_init, critic=critic)
     if layout == "shared":
         if not reward.adapter_path:  # trained in full: it cannot ride on the policy's base
             return SharedBaseModels(policy_base, model_args, reward, value_init, load_stage_output(reward, model_args, REWARD),
@@ -278,7 +303,7 @@ def build_models(layout: str, policy_parent: Manifest, reward: Manifest, model_a
         raise ConfigError("critic: shared puts the value head on the shared base's policy adapter; use layout: shared "
                           "(or critic: separate)")
     reference = load_stage_output(policy_parent, model_args, CAUSAL_LM)
-    reward_model = load_stage_output(reward, model_args, REWARD)
+    reward_model = load_stage_output(reward, model_args, REWARD) if reward is not None else None
     value_body = load_stage_output(reward if value_init == "reward" else policy_parent, model_args, CAUSAL_LM)
     return SeparateModels(policy_base, reference, reward_model, model_args, value_init, value_body)
 

@@ -62,16 +62,30 @@ def kl_estimate(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: s
     raise ValueError(f"kl estimator must be 'k1' or 'k3', got {estimator!r}")
 
 
-def shape_scores(scores: torch.Tensor, ended: torch.Tensor, missing_eos_penalty: float | None = None,
-                 reward_mean: float | None = None, reward_std: float | None = None,
-                 clip: float | None = None) -> torch.Tensor:
-    """Sequence scores from the reward model, made ready for PPO, in this order: normalised with the reward model's
-    own training statistics, clipped, then penalised when the response never produced EOS (truncated text is not a
-    finished answer and must not be rewarded as one). The penalty comes last so that clipping cannot absorb it, and
-    it is in the units of the scores at that point (reward-model standard deviations once normalised)."""
+def normalize_scores(scores: torch.Tensor, reward_mean: float | None = None,
+                     reward_std: float | None = None) -> torch.Tensor:
+    """Reward-model scores in standard deviations of its own training statistics (unchanged without them)."""
     scores = scores.float()
     if reward_mean is not None and reward_std is not None:
         scores = (scores - reward_mean) / max(reward_std, 1e-8)
+    return scores
+
+
+def combine_rewards(columns: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """(batch, n_rewards) scores, NaN where a reward function returned None, -> (batch,) weighted sums. A NaN counts
+    0 for that reward (TRL's nansum), so a function that does not judge a response neither rewards nor punishes it."""
+    return torch.nansum(columns.float() * weights.to(columns.device, torch.float32), dim=1)
+
+
+def shape_scores(scores: torch.Tensor, ended: torch.Tensor, missing_eos_penalty: float | None = None,
+                 reward_mean: float | None = None, reward_std: float | None = None,
+                 clip: float | None = None) -> torch.Tensor:
+    """Sequence scores made ready for PPO, in this order: normalised with the reward model's own training statistics
+    (when given; the rollout normalises the reward model's column before combining rewards and passes none here),
+    clipped, then penalised when the response never produced EOS (truncated text is not a finished answer and must
+    not be rewarded as one). The penalty comes last so that clipping cannot absorb it, and it is in the units of the
+    scores at that point (reward-model standard deviations once normalised)."""
+    scores = normalize_scores(scores, reward_mean, reward_std)
     if clip is not None:
         scores = scores.clamp(-clip, clip)
     if missing_eos_penalty is not None:

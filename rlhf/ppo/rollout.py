@@ -6,9 +6,11 @@ log-probs and values that belong to token t come from the position just before i
 
 from __future__ import annotations
 
+import math
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 
@@ -27,12 +29,15 @@ class Rollout:
     logprobs: torch.Tensor
     ref_logprobs: torch.Tensor
     values: torch.Tensor
-    raw_scores: torch.Tensor
-    scores: torch.Tensor
+    raw_scores: torch.Tensor | None  # the reward model's own score (None without a reward model)
+    scores: torch.Tensor  # the combined score, clipped and penalised: what the last token is rewarded with
     rewards: torch.Tensor
     kl: torch.Tensor
     advantages: torch.Tensor | None = None
     returns: torch.Tensor | None = None
+    function_scores: torch.Tensor | None = None  # (batch, n_functions): each reward function's value, NaN for None
+    function_names: list[str] = field(default_factory=list)
+    combined_scores: torch.Tensor | None = None  # the weighted sum of the rewards, before clipping and the penalty
     texts: list[str] = field(default_factory=list)
     timings: dict = field(default_factory=dict)
 
@@ -97,12 +102,32 @@ def render_for_reward(tokenizer, prompts: list[list[dict]], texts: list[str]) ->
     return pad_batch(sequences, tokenizer.pad_token_id, side="right")
 
 
+def function_scores(functions: list[Callable], prompts: list[list[dict]], texts: list[str],
+                    completion_ids: list[list[int]], columns: dict[str, list]) -> torch.Tensor:
+    """(batch, n_functions) values of reward functions called as TRL calls them: prompts and completions as message
+    lists (PPO's prompts always are), the response token ids, the prompt records' other columns by name. None (the
+    function does not judge that response) becomes NaN."""
+    from rlhf.rewards import as_messages
+
+    completions = [as_messages(text, "assistant") for text in texts]
+    values = [function(prompts, completions, completion_ids=completion_ids, **columns) for function in functions]
+    table = [[math.nan if value is None else value for value in column] for column in values]
+    return torch.tensor(table, dtype=torch.float32).reshape(len(functions), len(texts)).T
+
+
 @torch.no_grad()
 def collect(models, tokenizer, reward_tokenizer, prompts: list[list[dict]], prompt_ids: list[list[int]],
             args: PPOArgs, kl_coef: float, reward_stats: tuple[float, float] | None,
-            gathered=lambda models: nullcontext(), synced_generation: bool = False) -> Rollout:
+            gathered=lambda models: nullcontext(), synced_generation: bool = False,
+            reward_functions: list[Callable] = (), columns: dict[str, list] | None = None,
+            reward_weights: list[float] | None = None) -> Rollout:
     """Sample and score one batch; rewards, advantages and returns are filled by `finish_advantages`. Sampling runs
-    inside `gathered(models)` (the whole model on hand when it is sharded)."""
+    inside `gathered(models)` (the whole model on hand when it is sharded).
+
+    The score is the weighted sum (reward_weights, default 1.0 each) of the reward model's score (when
+    models.has_reward_model; normalised with reward_stats when given) and each reward function's values on these
+    prompts (`columns`: the prompt records' other columns, one entry per prompt); then reward_clip and the
+    missing-EOS penalty apply to it."""
     device = next(models.parameters()).device
     start = time.perf_counter()
     from_generation = args.logprobs_from_generation
@@ -127,11 +152,25 @@ def collect(models, tokenizer, reward_tokenizer, prompts: list[list[dict]], prom
         rollout.logprobs, _, rollout.values = policy_logprobs_and_values(models, rollout, rows, args.temperature, grad=False)
     reference_logits = models.reference_logits(*rollout.inputs(), keep=logits_to_keep(rollout))
     rollout.ref_logprobs, _ = sampled_logprobs(reference_logits[:, :-1], rollout, rows, args.temperature)
-    reward_ids, reward_mask = render_for_reward(reward_tokenizer, prompts, sample.texts)
-    rollout.raw_scores = models.scores(reward_ids.to(device), reward_mask.to(device))
-    mean, std = reward_stats if reward_stats else (None, None)
-    rollout.scores = ppo_math.shape_scores(rollout.raw_scores, rollout.ended, args.missing_eos_penalty, mean, std,
-                                           args.reward_clip)
+    reward_columns = []
+    if models.has_reward_model:
+        reward_ids, reward_mask = render_for_reward(reward_tokenizer, prompts, sample.texts)
+        rollout.raw_scores = models.scores(reward_ids.to(device), reward_mask.to(device))
+        mean, std = reward_stats if reward_stats else (None, None)
+        reward_columns.append(ppo_math.normalize_scores(rollout.raw_scores, mean, std)[:, None])
+    if reward_functions:  # each process scores its own rows
+        completion_ids = [ids[mask.bool()].tolist() for ids, mask in zip(sample.response_ids, rollout.response_mask)]
+        rollout.function_names = [function.__name__ for function in reward_functions]
+        rollout.function_scores = function_scores(list(reward_functions), prompts, sample.texts, completion_ids,
+                                                  columns or {}).to(device)
+        reward_columns.append(rollout.function_scores)
+    reward_columns = torch.cat(reward_columns, dim=1)
+    weights = torch.tensor(reward_weights) if reward_weights is not None else torch.ones(reward_columns.shape[1])
+    rollout.combined_scores = ppo_math.combine_rewards(reward_columns, weights)
+    # Normalised above, on the reward model's column only: shape_scores gets no statistics, so nothing is
+    # normalised twice (nor a reward function's value normalised with the reward model's statistics).
+    rollout.scores = ppo_math.shape_scores(rollout.combined_scores, rollout.ended, args.missing_eos_penalty,
+                                           clip=args.reward_clip)
     rollout.rewards, rollout.kl = ppo_math.per_token_rewards(
         rollout.scores, rollout.logprobs, rollout.ref_logprobs, rollout.response_mask, kl_coef, args.kl_estimator)
     rollout.timings = {"time/generation": generated - start, "time/scoring": time.perf_counter() - generated}

@@ -1,11 +1,13 @@
 """RLHF with PPO on the SFT policy and the reward model, our own implementation on the current stack.
 
     rlhf ppo --config recipes/tiny/ppo.yaml
+    rlhf ppo --config recipes/tiny/ppo.yaml --reward_model null --reward_funcs rlhf.tiny.task.gold_rewards
     ACCELERATE_USE_CPU=1 accelerate launch --config_file recipes/accelerate/cpu_2proc.yaml -m rlhf.ppo --config recipes/tiny/ppo.yaml
 
 Each iteration: sample responses to a batch of prompts (KV cache, left-padded prompts, cut after the first EOS),
-score them with the reward model at the last real token, add a per-token KL penalty against the reference (the SFT
-policy), estimate advantages with GAE, then run several epochs of clipped policy and value updates. With several
+score them with the reward model at the last real token and/or reward functions (a weighted sum, reward_weights),
+add a per-token KL penalty against the reference (the SFT policy), estimate advantages with GAE, then run several
+epochs of clipped policy and value updates. With several
 processes each holds rollout_batch_size prompts; losses are token-means over the global mini-batch, gradients are
 summed and whitening uses global statistics, so the update equals one process holding the whole batch.
 """
@@ -100,7 +102,8 @@ def update(models, optimizer, rollout: Rollout, args: PPOArgs, distributed: Dist
 def rollout_metrics(rollout: Rollout, gold_scores: list[float] | None, distributed: Distributed) -> dict:
     mask = rollout.response_mask
     metrics = {
-        "score/raw": rollout.raw_scores.mean().item(),
+        **({"score/raw": rollout.raw_scores.mean().item()} if rollout.raw_scores is not None else {}),
+        "score/combined": rollout.combined_scores.mean().item(),
         "score/shaped": rollout.scores.mean().item(),
         "kl/sequence": rollout.kl.sum(1).mean().item(),
         "response/length": mask.sum(1).mean().item(),
@@ -110,12 +113,28 @@ def rollout_metrics(rollout: Rollout, gold_scores: list[float] | None, distribut
     }
     if gold_scores is not None:
         metrics["score/gold"] = sum(gold_scores) / len(gold_scores)
-    return {key: distributed.mean_of(value) if not math.isnan(value) else value for key, value in metrics.items()}
+    metrics = {key: distributed.mean_of(value) if not math.isnan(value) else value for key, value in metrics.items()}
+    return {**metrics, **function_means(rollout, distributed)}
+
+
+def function_means(rollout: Rollout, distributed: Distributed) -> dict:
+    """score/<name>: each reward function's mean over the responses it judged on every process (its Nones left out;
+    left out altogether when it judged none, so every logged number is finite)."""
+    means = {}
+    if not rollout.function_names:
+        return means
+    for name, values in zip(rollout.function_names, rollout.function_scores.T):
+        judged = ~values.isnan()
+        total, count = distributed.sum(torch.stack([values[judged].sum(), judged.sum().float()])).tolist()
+        if count:
+            means[f"score/{name}"] = total / count
+    return means
 
 
 def fit_prompts(records: list[dict], tokenizer, max_prompt_length: int, data_args: DataArgs, say=print):
-    """(prompts, token ids) within max_prompt_length, by data_args.length_policy: error names the first prompt that
-    is too long, drop leaves such prompts out, truncate keeps their last max_prompt_length tokens."""
+    """(records, prompt token ids) within max_prompt_length, by data_args.length_policy: error names the first prompt
+    that is too long, drop leaves such prompts out, truncate keeps their last max_prompt_length tokens. The records
+    kept are returned whole: reward functions get their other columns."""
     from rlhf import data
     from rlhf.generation import encode_prompts
 
@@ -126,15 +145,44 @@ def fit_prompts(records: list[dict], tokenizer, max_prompt_length: int, data_arg
             say(f"[rlhf] ppo: {len(records) - len(kept)} of {len(records)} prompts in {source} are longer than "
                 f"max_prompt_length {max_prompt_length} tokens and are left out (length_policy: drop)")
         records = kept
-    prompts = [record["prompt"] for record in records]
-    prompt_ids = encode_prompts(tokenizer, prompts)
+    prompt_ids = encode_prompts(tokenizer, [record["prompt"] for record in records])
     if policy == "truncate":
         cut = sum(len(ids) > max_prompt_length for ids in prompt_ids)
         if cut:
             say(f"[rlhf] ppo: {cut} of {len(prompt_ids)} prompts in {source} are longer than max_prompt_length "
                 f"{max_prompt_length} tokens; keeping their last {max_prompt_length} tokens (length_policy: truncate)")
         prompt_ids = [ids[-max_prompt_length:] for ids in prompt_ids]
-    return prompts, prompt_ids
+    return records, prompt_ids
+
+
+def reward_sources(args: PPOArgs, prompt_records: list[dict]):
+    """The run's rewards, checked before any model loads: at least one; a reward model that is a reward stage
+    accurate enough to train against (min_reward_accuracy); one weight per reward; every function imported and
+    probe-called on the first prompts. Returns (the reward stage's manifest or None, the functions, the weights)."""
+    from rlhf import rewards
+    from rlhf.ppo.layouts import check_value_init
+
+    manifest = rewards.reward_manifest(args)
+    if args.reward_source and manifest is None:
+        raise ConfigError(f"ppo: reward_model_name_or_path: {args.reward_source!r} is not a reward stage folder (no "
+                          "manifest.json); PPO runs the reward model itself and needs one trained by `rlhf reward` "
+                          "(a hub sequence classifier works with rlhf grpo or rloo)")
+    rewards.check_reward_sources(STAGE, args, manifest)
+    n_rewards = (manifest is not None) + len(args.reward_funcs)
+    if args.reward_weights is not None and len(args.reward_weights) != n_rewards:
+        raise ConfigError(f"ppo: reward_weights has {len(args.reward_weights)} weights for {n_rewards} rewards (the "
+                          "reward model first, when there is one, then each of reward_funcs)")
+    check_value_init(args.value_init, args.critic, manifest)
+    functions = rewards.load_reward_functions(args.reward_funcs, prompt_records[:2])
+    taken = {"raw", "combined", "shaped", "gold"} | ({"reward_model"} if manifest else set())
+    for spec, function in zip(args.reward_funcs, functions):
+        if function.__name__ in taken:  # each reward logs score/<name>: two of one name would mix in one number
+            raise ConfigError(f"reward_funcs: {spec}: the name {function.__name__!r} is taken (PPO logs "
+                              f"score/<name> for each reward beside score/raw, score/combined, score/shaped and "
+                              "score/gold); list each function once, under a name of its own")
+        taken.add(function.__name__)
+    weights = args.reward_weights if args.reward_weights is not None else [1.0] * n_rewards
+    return manifest, functions, [float(weight) for weight in weights]
 
 
 # ----------------------------------------------------------------------------------------------- checkpoints
@@ -242,8 +290,8 @@ def load_checkpoint(models, optimizer, distributed: Distributed, checkpoint: Pat
 def main(argv: list[str] | None = None):
     # Config (PPOArgs checks its own ranges)
     model_args, data_args, args = parse_args(ARG_TYPES, argv, prog="rlhf ppo", description=__doc__)
-    for name, value in [("train_data", data_args.train_data), ("reward_model", args.reward_model),
-                        ("output_dir", args.output_dir), ("init_from", model_args.init_from)]:
+    for name, value in [("train_data", data_args.train_data), ("output_dir", args.output_dir),
+                        ("init_from", model_args.init_from)]:
         if not value:
             raise ConfigError(f"ppo: '{name}' is required (set it in the recipe or pass --{name})")
     if data_args.eval_data:
@@ -258,6 +306,7 @@ def main(argv: list[str] | None = None):
     from rlhf.models import stage_tokenizer
     from rlhf.ppo.layouts import POLICY, build_models
     from rlhf.processes import start_processes
+    from rlhf.rewards import record_columns, reward_statistics
     from rlhf.stage import (StageError, check_checkpoint_config, load_gold_prompts, logs_folder, open_output,
                             point_trackers, stage_config, trackers, write_stage)
 
@@ -268,26 +317,21 @@ def main(argv: list[str] | None = None):
                               gather_for_generation=args.gather_for_generation)
     output_dir = Path(args.output_dir)
 
-    # Data: prompts, validated, length-checked and tokenised before any model is loaded.
+    # Data and rewards: prompts validated, length-checked and tokenised, every reward checked, before any model loads.
     prompt_records = data.load_prompts(data_args.train_data, data_args.train_split)[: data_args.max_train_samples]
+    reward_manifest, reward_functions, reward_weights = reward_sources(args, prompt_records)
+    reward_stats = reward_statistics(STAGE, reward_manifest, args.normalize_reward) if reward_manifest else None
     policy_parent = resolve_parent(model_args.init_from, PARENT_STAGES)
-    reward_manifest = resolve_parent(args.reward_model, ("reward",))
     config = stage_config(model_args, data_args, args, parent=policy_parent)
     tokenizer = stage_tokenizer(policy_parent, model_args)
-    reward_tokenizer = stage_tokenizer(reward_manifest, model_args)
-    prompts, prompt_ids = fit_prompts(prompt_records, tokenizer, args.max_prompt_length, data_args, accelerator.print)
+    reward_tokenizer = stage_tokenizer(reward_manifest, model_args) if reward_manifest else None
+    records, prompt_ids = fit_prompts(prompt_records, tokenizer, args.max_prompt_length, data_args, accelerator.print)
+    prompts, columns = [record["prompt"] for record in records], record_columns(records)
     gold = None
     if data_args.gold_reward:
         from rlhf.evaluate.policy import load_gold_reward
 
         gold = load_gold_reward(data_args.gold_reward)
-    reward_stats = None
-    if args.normalize_reward:
-        stats = reward_manifest.metrics
-        if "reward_mean" not in stats:
-            raise ConfigError(f"{args.reward_model}: manifest has no reward_mean/reward_std; retrain it or set "
-                              "normalize_reward: false")
-        reward_stats = (stats["reward_mean"], stats["reward_std"])
     lock, finished = open_output(STAGE, str(output_dir), config, args.overwrite,  # noqa: F841 (held until exit)
                                  extends=lambda done: (config_hash(without_steps(done.config)) ==
                                                        config_hash(without_steps(config))
@@ -337,7 +381,9 @@ def main(argv: list[str] | None = None):
         rows = prompt_batches(len(prompts), args.rollout_batch_size, accelerator.num_processes,
                               accelerator.process_index, args.seed, step)
         rollout = collect(models, tokenizer, reward_tokenizer, [prompts[i] for i in rows], [prompt_ids[i] for i in rows],
-                          args, kl_control.value, reward_stats, distributed.gathered, distributed.synced_generation)
+                          args, kl_control.value, reward_stats, distributed.gathered, distributed.synced_generation,
+                          reward_functions=reward_functions, reward_weights=reward_weights,
+                          columns={name: [values[i] for i in rows] for name, values in columns.items()})
         finish_advantages(rollout, args, distributed.masked_stats)
         started = time.perf_counter()
         generator = torch.Generator().manual_seed(args.seed + step)
@@ -354,12 +400,12 @@ def main(argv: list[str] | None = None):
         kl_control.update(metrics["kl/sequence"], args.rollout_batch_size * accelerator.num_processes)
         if not all(math.isfinite(value) for key, value in metrics.items() if key != "value/explained_variance"):
             raise StageError(f"ppo: non-finite metrics at step {step + 1} ({metrics}); last good checkpoint: "
-                              f"{latest_checkpoint(checkpoint_root)}. Lower learning_rate or check the reward model.")
+                              f"{latest_checkpoint(checkpoint_root)}. Lower learning_rate or check the rewards.")
         if accelerator.is_main_process:
             with open(log_path, "a") as log_file:
                 log_file.write(json.dumps(metrics) + "\n")
             accelerator.log(metrics, step=step + 1)
-        progress.set_postfix(score=f"{metrics['score/raw']:.3f}", kl=f"{metrics['kl/sequence']:.3f}")
+        progress.set_postfix(score=f"{metrics['score/combined']:.3f}", kl=f"{metrics['kl/sequence']:.3f}")
         if args.logging_steps and (step + 1) % args.logging_steps == 0:
             accelerator.print(" ".join(f"{key}={value:.4g}" for key, value in metrics.items() if not key.startswith("time")))
         if args.save_steps and (step + 1) % args.save_steps == 0 and step + 1 < args.steps:
@@ -385,7 +431,9 @@ def main(argv: list[str] | None = None):
         base_model=policy_parent.base_model, parent=policy_parent, metrics=metrics, tokenizer=tokenizer,
         extra={"layout": models.layout, "reference": "parent policy: "
                + ("the shared base with every adapter disabled" if models.layout == "shared" else "a separate frozen copy"),
-               "reward_model": str(Path(args.reward_model).resolve()), "reward_placement": models.reward_placement,
+               "reward_model": str(Path(args.reward_source).resolve()) if reward_manifest else None,
+               "rewards": (["reward_model"] if reward_manifest else []) + [f.__name__ for f in reward_functions],
+               "reward_weights": reward_weights, "reward_placement": models.reward_placement,
                "value_init": args.value_init,
                "world_size": accelerator.num_processes},
         save_merged=args.save_merged, gold_prompts=load_gold_prompts(data_args),

@@ -8,6 +8,7 @@ import torch
 from rlhf.ppo.math import (
     AdaptiveKLController,
     FixedKLController,
+    combine_rewards,
     entropy_from_logits,
     explained_variance,
     gae,
@@ -50,6 +51,20 @@ def test_scores_normalised_clipped_and_penalised_without_eos():
                           reward_mean=0.5, reward_std=0.5, clip=2.0)
     # (s - 0.5) / 0.5 = [3, -3, 0] -> clip ±2 = [2, -2, 0] -> no EOS on the second: -2 - 1
     close(scores, [2.0, -3.0, 0.0])
+
+
+def test_rewards_combine_as_a_weighted_sum_where_none_counts_zero():
+    nan = float("nan")
+    # Columns: reward model (normalised), function a, function b (NaN: b returned None for that response).
+    columns = T([[1.0, 0.5, 1.0],
+                 [-2.0, nan, 0.0],
+                 [0.5, 1.0, nan],
+                 [nan, nan, nan]])
+    combined = combine_rewards(columns, T([1.0, 2.0, -0.5]))
+    # row 0: 1 + 2*0.5 - 0.5*1 = 1.5; row 1: -2 + 0 - 0 = -2; row 2: 0.5 + 2*1 + 0 = 2.5; row 3: nothing judged = 0
+    close(combined, [1.5, -2.0, 2.5, 0.0])
+    # One reward of weight 1 is that reward, unchanged (the reward model alone scores as before).
+    close(combine_rewards(T([[0.25], [-3.0]]), T([1.0])), [0.25, -3.0])
 
 
 def test_missing_eos_penalty_comes_after_normalising_and_clipping_as_its_help_says():
