@@ -85,6 +85,18 @@ def atomic_write(path: Path, content: str | bytes) -> None:
         raise
 
 
+def read_jsonl_log(path: Path) -> list[dict]:
+    """The rows of a JSON-lines log a stage appends to (metrics.jsonl, gold_curve.jsonl), up to a last line a kill
+    may have cut short."""
+    rows = []
+    for line in path.read_text().splitlines() if path.is_file() else []:
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            break
+    return rows
+
+
 def write_manifest(manifest: Manifest) -> Path:
     manifest.created = manifest.created or time.strftime("%Y-%m-%dT%H:%M:%S%z")
     manifest.versions = manifest.versions or package_versions()

@@ -77,6 +77,8 @@ def quick_stage_args():
         "reward_args": quick + ["--max_train_samples", "32"],
         "dpo_args": quick + ["--max_train_samples", "32"],
         # The 2-step reward model has no held-out accuracy (no eval_data): the gate is turned off.
+        "grpo_args": quick + ["--per_device_train_batch_size", "8", "--num_generations", "4",
+                              "--max_completion_length", "12", "--min_reward_accuracy", "0"],
         "ppo_args": ["--steps", "2", "--save_steps", "1", "--rollout_batch_size", "4", "--mini_batch_size", "2",
                      "--ppo_epochs", "1", "--max_new_tokens", "12", "--gold_eval_prompts", "",
                      "--min_reward_accuracy", "0"],
@@ -86,8 +88,8 @@ def quick_stage_args():
 def test_whole_pipeline_under_two_processes(tmp_path):
     """The tiny pipeline, every stage launched with the 2-process CPU (gloo DDP) accelerate config."""
     recipe = write_recipe(
-        tmp_path, stages=["sft", "reward", "dpo", "ppo"], reward_recipe="recipes/tiny/reward.yaml",
-        dpo_recipe="recipes/tiny/dpo.yaml", ppo_recipe="recipes/tiny/ppo.yaml",
+        tmp_path, stages=["sft", "reward"], policy_stages=["dpo", "ppo", "grpo"], reward_recipe="recipes/tiny/reward.yaml",
+        dpo_recipe="recipes/tiny/dpo.yaml", ppo_recipe="recipes/tiny/ppo.yaml", grpo_recipe="recipes/tiny/grpo.yaml",
         accelerate_config="recipes/accelerate/cpu_2proc.yaml", eval_prompts="data/tiny/prompts_test.jsonl",
         eval_preferences="data/tiny/prefs_test.jsonl", eval_samples=8, **quick_stage_args())
     report = main(["--config", recipe])
@@ -99,14 +101,16 @@ def test_whole_pipeline_under_two_processes(tmp_path):
         assert manifest.metrics["steps"] == 2, stage
     ppo = read_manifest(runs / "ppo")
     assert ppo.extra["world_size"] == 2
+    grpo = read_manifest(runs / "grpo")
+    assert grpo.metrics["world_size"] == 2 and grpo.parent.endswith("sft") and grpo.extra["rewards"] == ["reward_model"]
     assert ppo.parent.endswith("sft") and read_manifest(runs / "dpo").parent.endswith("sft")
     text = report.read_text()
-    assert "| dpo |" in text and "| ppo |" in text and "## Reward model" in text
+    assert "| dpo |" in text and "| ppo |" in text and "| grpo |" in text and "## Reward model" in text
     assert (runs / "policies.png").is_file() and (runs / "ppo_training.png").is_file()
 
     main(["--config", recipe])  # everything up to date: nothing reruns
     timings = json.loads((runs / "pipeline.json").read_text())
-    assert all(timings[stage]["skipped"] for stage in ("sft", "reward", "dpo", "ppo"))
+    assert all(timings[stage]["skipped"] for stage in ("sft", "reward", "dpo", "ppo", "grpo"))
 
 
 @pytest.mark.slow

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import torch
 
+from rlhf.manifest import read_jsonl_log as read_curve
+
 CURVE_NAME = "gold_curve.jsonl"
 
 
@@ -58,17 +60,6 @@ class GoldCurve:
             handle.write(json.dumps(row) + "\n")
         self.started += time.perf_counter() - paused  # the evaluation is not training time
         return row
-
-
-def read_curve(path: Path) -> list[dict]:
-    """The points of a gold_curve.jsonl, up to a last line a kill may have cut short."""
-    rows = []
-    for line in path.read_text().splitlines() if path.is_file() else []:
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            break
-    return rows
 
 
 def gold_curve(data_args, output_dir: str, total_steps: int, seed: int = 0) -> GoldCurve | None:

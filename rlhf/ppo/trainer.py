@@ -235,23 +235,12 @@ def without_steps(config: dict) -> dict:
     return {**config, "training": {key: value for key, value in config["training"].items() if key != "steps"}}
 
 
-def read_metrics_log(path: Path) -> list[dict]:
-    """The rows of metrics.jsonl, up to a last line a kill may have cut short."""
-    rows = []
-    for line in path.read_text().splitlines() if path.is_file() else []:
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            break
-    return rows
-
-
 def truncate_metrics_log(path: Path, last_step: int) -> None:
     """Keep only the rows of steps up to last_step, the step the run resumes after."""
-    from rlhf.manifest import atomic_write
+    from rlhf.manifest import atomic_write, read_jsonl_log
 
     if path.is_file():
-        kept = [row for row in read_metrics_log(path) if row.get("step", 0) <= last_step]
+        kept = [row for row in read_jsonl_log(path) if row.get("step", 0) <= last_step]
         atomic_write(path, "".join(json.dumps(row) + "\n" for row in kept))
 
 
@@ -372,6 +361,14 @@ def main(argv: list[str] | None = None):
     log_path = output_dir / "metrics.jsonl"
     if accelerator.is_main_process:
         truncate_metrics_log(log_path, start_step)  # steps after the checkpoint are trained (and logged) again
+    from rlhf.evaluate.curve import gold_curve
+
+    # The held-out gold curve (gold_curve_points): sampled by the main process, so not when the model is sharded.
+    curve = None
+    if accelerator.is_main_process and not distributed.sharded:
+        curve = gold_curve(data_args, str(output_dir), args.steps, args.seed)
+    if curve:
+        curve.start(start_step)
     progress = tqdm(range(start_step, args.steps), initial=start_step, total=args.steps, desc="ppo",
                     disable=not accelerator.is_local_main_process)
     for step in progress:
@@ -408,6 +405,8 @@ def main(argv: list[str] | None = None):
         progress.set_postfix(score=f"{metrics['score/combined']:.3f}", kl=f"{metrics['kl/sequence']:.3f}")
         if args.logging_steps and (step + 1) % args.logging_steps == 0:
             accelerator.print(" ".join(f"{key}={value:.4g}" for key, value in metrics.items() if not key.startswith("time")))
+        if curve and curve.due(step + 1):
+            curve.record(models, tokenizer, step + 1)
         if args.save_steps and (step + 1) % args.save_steps == 0 and step + 1 < args.steps:
             save_checkpoint(models, optimizer, distributed, step + 1, kl_control.value, checkpoint_root)
             if accelerator.is_main_process:
@@ -424,7 +423,9 @@ def main(argv: list[str] | None = None):
                                                state_dict=policy_adapter_state(models, trainable_state))
     tokenizer.save_pretrained(output_dir / "adapter")
     rotate_checkpoints(checkpoint_root, args.save_total_limit)
-    logged = read_metrics_log(log_path)  # every step once, whether or not the run was resumed
+    from rlhf.manifest import read_jsonl_log
+
+    logged = read_jsonl_log(log_path)  # every step once, whether or not the run was resumed
     metrics = {"steps": args.steps, "first": logged[0] if logged else {}, "last": logged[-1] if logged else {}}
     manifest = write_stage(
         STAGE, str(output_dir), model_args, data_args=data_args, config=config,
