@@ -9,6 +9,7 @@ Points land in <output_dir>/gold_curve.jsonl: {"step", "seconds", "gold_reward",
 from __future__ import annotations
 
 import json
+import random
 import time
 from pathlib import Path
 
@@ -48,9 +49,11 @@ class GoldCurve:
         paused = time.perf_counter()
         was_training, padding_side = model.training, tokenizer.padding_side
         model.eval()
+        python_state = random.getstate()  # sampling reseeds Python's generator too
         with torch.random.fork_rng(devices=[]):
             report = gold_report(model, tokenizer, self.prompts, self.gold_reward, seed=self.seed,
                                  max_new_tokens=self.max_new_tokens)
+        random.setstate(python_state)
         model.train(was_training)
         tokenizer.padding_side = padding_side
         row = {"step": step, "seconds": self.offset + paused - self.started,

@@ -1,6 +1,7 @@
 """The gold curve: evenly spaced points, sampling that leaves training's random state alone, resume."""
 
 import json
+import random
 import time
 
 import torch
@@ -30,11 +31,12 @@ def test_a_point_leaves_the_training_state_as_it_was_and_its_time_out(tmp_path):
     curve.start()
     time.sleep(0.2)
     torch.manual_seed(7)
-    rng_before = torch.get_rng_state()
+    rng_before, python_rng_before = torch.get_rng_state(), random.getstate()
     evaluation_started = time.perf_counter()
     row = curve.record(model, tokenizer, step=4)
     evaluation_seconds = time.perf_counter() - evaluation_started
     assert torch.equal(torch.get_rng_state(), rng_before)  # training draws what it would have drawn
+    assert random.getstate() == python_rng_before
     assert model.training and tokenizer.padding_side == "right"
     assert 0.2 <= row["seconds"] < 0.2 + evaluation_seconds / 2 + 0.1
     assert 0 <= row["gold_reward"] <= 1 and read_curve(tmp_path / "gold_curve.jsonl") == [row]

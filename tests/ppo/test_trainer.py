@@ -93,6 +93,18 @@ def test_full_reward_model_sits_beside_the_shared_base(sft_run, reward_run):
         build_models("shared", sft_run, reward_run, ModelArgs(), value_init="reward")
 
 
+@pytest.mark.parametrize("layout, copies", [("shared", 1), ("separate", 3)])
+def test_reward_functions_alone_load_no_reward_model(sft_run, layout, copies):
+    from rlhf.config import ConfigError
+
+    before = count_models()
+    models = build_models(layout, sft_run, None, ModelArgs(), value_init="policy")
+    assert count_models() - before == copies  # shared: one base; separate: policy, reference, value; no reward
+    assert not models.has_reward_model and models.reward_placement == "none (reward functions)"
+    with pytest.raises(ConfigError, match="use value_init: policy"):
+        build_models(layout, sft_run, None, ModelArgs(), value_init="reward")
+
+
 def short_run(sft_run, reward_run, output_dir, *extra):
     from rlhf.ppo import trainer
 
