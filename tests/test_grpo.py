@@ -69,6 +69,7 @@ def needs_answer(prompts, completions, answer, **columns):
 def test_bad_reward_functions_fail_before_any_model_loads(sft_run, tmp_path, monkeypatch, capsys, spec, message):
     (tmp_path / "bad_rewards.py").write_text(BAD_REWARDS)
     monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "bad_rewards", raising=False)  # another test's module of that name
     output_dir = tmp_path / "out"
     code = cli(["grpo", "--config", "recipes/tiny/grpo.yaml", "--init_from", sft_run.output_dir, "--reward_model",
                 "null", "--reward_funcs", spec, "--output_dir", str(output_dir)])

@@ -126,7 +126,7 @@ def test_pipeline_report_scores_the_gold_reward_its_own_recipes_name(tmp_path):
     # recipes name the gold reward, and the report scores with it.
     fake_policy_stage(tmp_path / "sft", "someone.elses:module")
     fake_policy_stage(tmp_path / "dpo", "someone.elses:module")
-    write_pipeline_report(args, tmp_path, {}, recipe_gold_reward(args, tmp_path, ["dpo"]))
+    write_pipeline_report(args, tmp_path, ["sft", "dpo"], {}, recipe_gold_reward(args, tmp_path, ["dpo"]))
     policies = json.loads((tmp_path / "eval_policy" / "report.json").read_text())
     assert policies["gold_reward_spec"] == "rlhf.tiny.task:gold_reward"
     assert "gold_reward" in policies["reference"] and "gold_reward" in policies["policies"][str(tmp_path / "dpo")]

@@ -3,6 +3,7 @@ any model loads (a function's answer, the reward-model gate)."""
 
 import json
 import math
+import sys
 from types import SimpleNamespace
 
 import pytest
@@ -79,6 +80,7 @@ def refuse_to_load_models(monkeypatch, tmp_path):
         "def wrong_length(prompts, completions, **columns):\n    return [1.0]\n\n"
         "def a_string(prompts, completions, **columns):\n    return 'good'\n")
     monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "bad_rewards", raising=False)  # another test's module of that name
     yield
     assert not (tmp_path / "out").exists()
 
