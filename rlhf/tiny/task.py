@@ -83,17 +83,11 @@ def gold_rewards(prompts: list, completions: list, **columns) -> list[float]:
 
         rlhf grpo --config recipes/tiny/grpo.yaml --reward_funcs rlhf.tiny.task.gold_rewards
     """
-    return [gold_reward(_last_user_text(prompt), _text(completion)) for prompt, completion in zip(prompts, completions)]
+    from rlhf.data import prompt_text
+    from rlhf.rewards import as_messages, completion_text
 
-
-def _text(value) -> str:
-    return value if isinstance(value, str) else "".join(message["content"] for message in value)
-
-
-def _last_user_text(prompt) -> str:
-    if isinstance(prompt, str):
-        return prompt
-    return next((message["content"] for message in reversed(prompt) if message["role"] == "user"), "")
+    return [gold_reward(prompt_text(as_messages(prompt, "user")), completion_text(completion))
+            for prompt, completion in zip(prompts, completions)]
 
 
 def is_well_formed(response: str) -> bool:
