@@ -1,14 +1,26 @@
 """Batched sampling from a causal LM: left-padded prompts, KV cache, responses cut after the first EOS.
 
-Shared by the gold-reward checks of every stage, policy evaluation and PPO rollouts.
+Shared by the gold-reward checks of every stage, policy evaluation and PPO rollouts. Engines (measured in
+benchmarks/generation_engines.py):
+- dynamic: transformers' generate with a growing KV cache. The default: on this CPU no other engine was faster
+  once its start-up is counted.
+- static: generate with a preallocated KV cache, which transformers compiles with torch.compile on GPUs.
+- paged: transformers' continuous batching (generate_batch, paged attention): finished sequences leave the batch.
+  2.5x slower than dynamic on CPU; meant for GPUs. It cannot hand back per-step log-probs or head outputs.
+`sampling_dtype` (e.g. bfloat16) samples under autocast in that dtype while the weights stay as they are: on a CPU
+with bf16 instructions 0.6x the time of fp32 at 32M parameters. Its log-probs are the low-precision model's, so a
+PPO rollout recomputes them in the training dtype.
 """
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
-from transformers import StoppingCriteria, StoppingCriteriaList
+from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList
+
+ENGINES = ("dynamic", "static", "paged")
 
 
 @dataclass
@@ -103,20 +115,37 @@ def generate(
     return_logprobs: bool = False,
     step_head=None,
     synced_gpus: bool = False,
+    engine: str = "dynamic",
+    sampling_dtype: torch.dtype | None = None,
 ) -> Generation:
     """Sample responses. PPO asks for what decoding computes anyway, so it need not run the policy again: the
     log-prob of each sampled token at `temperature` (return_logprobs; of the untruncated distribution, as the PPO
     update scores it, even with top_p < 1) and a head over the last hidden state of every step (step_head: a value
     head), both read at the LM head, which decoding calls once per new token. synced_gpus keeps this process
     running forward passes until every process has finished (for a model sharded block by block); the steps past
-    its own end are dropped."""
+    its own end are dropped. `engine` and `sampling_dtype`: see the module's docstring."""
+    if engine not in ENGINES:
+        raise ValueError(f"generation engine {engine!r}: expected one of {', '.join(ENGINES)}")
+    if engine == "paged" and (return_logprobs or step_head is not None or synced_gpus):
+        raise ValueError("the paged generation engine cannot return per-step log-probs or value-head outputs, nor "
+                         "keep sharded processes in step; use the dynamic or static engine")
     device = next(model.parameters()).device
     ids, mask = pad_batch(prompt_ids, tokenizer.pad_token_id, side="left")
     ids, mask = ids.to(device), mask.to(device)
     stops = stop_token_ids(tokenizer, model)
     sampling = dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=0) if do_sample else dict(do_sample=False)
+    low_precision = (torch.autocast(device.type, dtype=sampling_dtype) if sampling_dtype is not None
+                     else contextlib.nullcontext())
     was_training = model.training
     model.eval()
+    if engine == "paged":
+        try:
+            with low_precision:
+                response_ids = _generate_paged(model, prompt_ids, max_new_tokens, stops, tokenizer.pad_token_id,
+                                               sampling).to(device)
+        finally:
+            model.train(was_training)
+        return _finish(tokenizer, ids, mask, response_ids, stops)
     head_outputs = []
     softcap = getattr(getattr(model, "config", None), "final_logit_softcapping", None)
     logprobs = _SampledLogprobs(temperature, softcap) if return_logprobs else None
@@ -132,30 +161,54 @@ def generate(
     if return_logprobs or step_head is not None:
         hook = model.get_output_embeddings().register_forward_hook(at_lm_head)
     try:
-        output = model.generate(
-            input_ids=ids,
-            attention_mask=mask,
-            max_new_tokens=max_new_tokens,
-            eos_token_id=stops,
-            pad_token_id=tokenizer.pad_token_id,
-            use_cache=True,
-            return_dict_in_generate=True,
-            stopping_criteria=StoppingCriteriaList([logprobs]) if logprobs is not None else None,
-            synced_gpus=synced_gpus,
-            **sampling,
-        )
+        with low_precision:
+            output = model.generate(
+                input_ids=ids,
+                attention_mask=mask,
+                max_new_tokens=max_new_tokens,
+                eos_token_id=stops,
+                pad_token_id=tokenizer.pad_token_id,
+                use_cache=True,
+                return_dict_in_generate=True,
+                stopping_criteria=StoppingCriteriaList([logprobs]) if logprobs is not None else None,
+                synced_gpus=synced_gpus,
+                # static: transformers compiles the decoding step with torch.compile on GPUs (not on CPU, where the
+                # compile costs more than it saves); dynamic never compiles.
+                **({"cache_implementation": "static"} if engine == "static" else {"disable_compile": True}),
+                **sampling,
+            )
     finally:
         if hook is not None:
             hook.remove()
         model.train(was_training)
-    response_ids, response_mask, ended = truncate_after_stop(output.sequences[:, ids.shape[1]:], stops, tokenizer.pad_token_id)
-    texts = tokenizer.batch_decode(response_ids.masked_fill(response_mask == 0, tokenizer.pad_token_id), skip_special_tokens=True)
-    steps = response_ids.shape[1]
-    return Generation(
-        ids, mask, response_ids, response_mask, ended, texts,
-        logprobs=torch.stack(logprobs.steps[:steps], dim=1) * response_mask if return_logprobs else None,
-        head_outputs=torch.stack(head_outputs[:steps], dim=1) if step_head is not None else None,
-    )
+    sample = _finish(tokenizer, ids, mask, output.sequences[:, ids.shape[1]:], stops)
+    steps = sample.response_ids.shape[1]
+    if return_logprobs:
+        sample.logprobs = torch.stack(logprobs.steps[:steps], dim=1) * sample.response_mask
+    if step_head is not None:
+        sample.head_outputs = torch.stack(head_outputs[:steps], dim=1)
+    return sample
+
+
+def _finish(tokenizer, prompt_ids, prompt_mask, response_ids, stops) -> Generation:
+    response_ids, response_mask, ended = truncate_after_stop(response_ids, stops, tokenizer.pad_token_id)
+    texts = tokenizer.batch_decode(response_ids.masked_fill(response_mask == 0, tokenizer.pad_token_id),
+                                   skip_special_tokens=True)
+    return Generation(prompt_ids, prompt_mask, response_ids, response_mask, ended, texts)
+
+
+def _generate_paged(model, prompt_ids: list[list[int]], max_new_tokens: int, stops: list[int], pad_id: int,
+                    sampling: dict) -> torch.Tensor:
+    """Continuous batching (transformers' generate_batch): (batch, longest response) token ids, right-padded."""
+    config = GenerationConfig(max_new_tokens=max_new_tokens, eos_token_id=stops, pad_token_id=pad_id, **sampling)
+    outputs = model.generate_batch(prompt_ids, generation_config=config, progress_bar=False)
+    # generate_batch hands results back in the order of the inputs.
+    responses = [output.generated_tokens[:max_new_tokens] for output in outputs.values()]
+    if len(responses) != len(prompt_ids) or any(output.error for output in outputs.values()):
+        errors = [output.error for output in outputs.values() if output.error]
+        raise RuntimeError(f"paged generation returned {len(responses)} of {len(prompt_ids)} responses"
+                           + (f": {errors[0]}" if errors else ""))
+    return pad_batch([response or [pad_id] for response in responses], pad_id, side="right")[0]
 
 
 def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:

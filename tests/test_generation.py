@@ -97,3 +97,45 @@ def test_rollout_memory_grows_with_batch_and_steps_not_with_the_vocabulary():
     # (what remains is one step's logits at a time, 0.8 MB here).
     kept_logits_difference = batch * steps * (vocabs[1] - vocabs[0]) * 4
     assert large["peak_growth_bytes"] - small["peak_growth_bytes"] < kept_logits_difference / 10
+
+
+def test_engines_agree_on_greedy_responses():
+    # Greedy decoding takes no random draws, so every engine must produce the same tokens (paged attention packs
+    # the batch differently, so only to float rounding of the logits; none of these prompts sits on a tie).
+    model = tiny_llama(vocab=24)
+    prompts = [[3, 4, 5, 6], [7], [8, 3], [5, 5, 5], [6, 2, 4], [4]]
+    samples = {engine: generate(model, NumberTokenizer(), prompts, max_new_tokens=12, do_sample=False, engine=engine)
+               for engine in ("dynamic", "static", "paged")}
+    reference = samples["dynamic"]
+    assert reference.ended.any() and not reference.ended.all()
+    for engine, sample in samples.items():
+        assert sample.texts == reference.texts, engine
+        assert sample.response_mask.tolist() == reference.response_mask.tolist(), engine
+        assert sample.ended.tolist() == reference.ended.tolist(), engine
+
+
+def test_low_precision_sampling_keeps_the_weights_and_hands_back_close_logprobs():
+    model = tiny_llama(vocab=24)
+    prompts = [[3, 4, 5, 6], [7], [8, 3], [5, 5, 5]]
+    torch.manual_seed(0)
+    full = generate(model, NumberTokenizer(), prompts, max_new_tokens=8, do_sample=False, return_logprobs=True)
+    torch.manual_seed(0)
+    low = generate(model, NumberTokenizer(), prompts, max_new_tokens=8, do_sample=False, return_logprobs=True,
+                   sampling_dtype=torch.bfloat16)
+    assert all(parameter.dtype == torch.float32 for parameter in model.parameters())
+    assert low.logprobs.dtype == torch.float32
+    # bf16 keeps 8 bits of mantissa: log-probs agree to about 1e-2, not to float32 rounding. Compared where both
+    # greedy paths are still the same tokens.
+    same_so_far = (low.response_ids == full.response_ids).int().cumprod(dim=1).bool()
+    together = same_so_far & (low.response_mask * full.response_mask).bool()
+    assert together.sum() > 10
+    difference = (low.logprobs - full.logprobs)[together].abs()
+    assert 0 < difference.mean() < 0.03 and difference.max() < 0.5
+
+
+def test_paged_engine_refuses_what_it_cannot_hand_back():
+    with pytest.raises(ValueError, match="paged generation engine cannot return per-step log-probs"):
+        generate(tiny_llama(vocab=24), NumberTokenizer(), [[3, 4]], max_new_tokens=4, engine="paged",
+                 return_logprobs=True)
+    with pytest.raises(ValueError, match="expected one of dynamic, static, paged"):
+        generate(tiny_llama(vocab=24), NumberTokenizer(), [[3, 4]], max_new_tokens=4, engine="vllm")
