@@ -65,6 +65,9 @@ def _load(normalise, source: str, on_bad_record: str, located: Located) -> list[
     """Normalise every located record; a bad one raises (on_bad_record "error") or is counted and left out ("skip")."""
     if on_bad_record not in ON_BAD_RECORD:
         raise ConfigError(f"on_bad_record: expected one of {', '.join(ON_BAD_RECORD)}, got {on_bad_record!r}")
+    unreadable = next((raw for _, raw in located if isinstance(raw, DataError)), None)
+    if unreadable is not None and on_bad_record == "error":  # a broken file is named before any record's fields
+        raise unreadable
     records, reasons = [], []
     for where, raw in located:
         try:

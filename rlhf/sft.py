@@ -50,10 +50,11 @@ def main(argv: list[str] | None = None):
     from rlhf.models import start_tokenizer
 
     train_records, eval_records = data.load_train(data_args, "sft"), data.load_eval(data_args, "sft")
-    plain_text = any("text" in records[0] for records in (train_records, eval_records) if records)
+    plain_text = next((records[0] for records in (train_records, eval_records or [])
+                       if records and "text" in records[0]), None)
     if plain_text and training_args.assistant_only_loss:  # TRL would refuse only after the model has loaded
-        raise ConfigError("assistant_only_loss: plain 'text' records have no assistant turns to train on; set "
-                          "assistant_only_loss: false (the loss is then on every token)")
+        raise ConfigError(f"{plain_text.where}: plain 'text', which has no assistant turns for assistant_only_loss; "
+                          "set assistant_only_loss: false (the loss is then on every token)")
     gold_prompts = load_gold_prompts(data_args)
     tokenizer, base_model, parent = start_tokenizer(model_args, PARENT_STAGES)
     if training_args.max_length:

@@ -87,7 +87,7 @@ def _read_folder(folder: str, split: str, config: str | None) -> Located:
     try:  # datasets' own rules for which files hold which split; nothing is read or cached yet
         builder = datasets.load_dataset_builder(folder, config)
     except Exception as error:
-        raise DataError(f"{folder}: found no data files for datasets.load_dataset ({error})") from error
+        raise DataError(f"{folder}: not a folder datasets.load_dataset can read ({error})") from error
     data_files = {str(name): list(files) for name, files in (builder.config.data_files or {}).items()}
     if split not in data_files:
         found = ", ".join(repr(name) for name in data_files) or "none"

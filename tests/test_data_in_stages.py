@@ -23,7 +23,8 @@ def test_sft_trains_on_plain_text(tmp_path):
     data = write_jsonl(tmp_path / "text.jsonl",
                        [{"text": f"The kettle number {i} is great and the lamp is awful."} for i in range(8)])
     args = COMMON + ["--train_data", data, "--output_dir", str(tmp_path / "sft")]
-    with pytest.raises(ConfigError, match=r"assistant_only_loss: plain 'text' records have no assistant turns"):
+    with pytest.raises(ConfigError, match=rf"^{data} line 1: plain 'text', which has no assistant turns for "
+                                          r"assistant_only_loss; set assistant_only_loss: false"):
         sft.main(args + ["--assistant_only_loss", "true"])
     manifest = sft.main(args)
     assert manifest.metrics["steps"] == 2 and manifest.metrics["first_logged_loss"] > 0
