@@ -328,8 +328,10 @@ def test_best_of_n_records_and_the_layout_eval_rm_reads(tmp_path):
         normalise_best_of_n_record({**BEST_OF_N_ROWS[0], "chosen": [[user("x")]]}, W)
     layout, records = load_rm_eval(write_jsonl(tmp_path / "rb2.jsonl", BEST_OF_N_ROWS))
     assert layout == BEST_OF_N and [len(record["rejected"]) for record in records] == [3, 1]
-    layout, pairs = load_rm_eval(write_jsonl(tmp_path / "pairs.jsonl", [{"prompt": "q", "chosen": "a", "rejected": "b"}]))
-    assert layout == PAIRS and pairs == [{"prompt": [user("q")], "chosen": [assistant("a")], "rejected": [assistant("b")]}]
+    pairs_file = write_jsonl(tmp_path / "pairs.jsonl", [{"prompt": "q", "chosen": "a", "rejected": "b"}])
+    layout, pairs = load_rm_eval(pairs_file)
+    assert layout == PAIRS and pairs == [{"prompt": [user("q")], "chosen": [assistant("a")],
+                                          "rejected": [assistant("b")]}]
 
 
 # --------------------------------------------------------------------------- bad records

@@ -1,4 +1,4 @@
-"""Tests for rlhf.sources: files read with line-exact errors, folders (hub snapshots, save_to_disk output), hub names."""
+"""Tests for rlhf.sources: files with line-exact errors, folders (hub snapshots, save_to_disk output), hub names."""
 
 import json
 

@@ -205,7 +205,8 @@ def make_set(user: str, chosen: list[str], rejected: list[str], subset: str) -> 
 SETS = [make_set("m0", ["m0 right"], ["x", "y", "z"], "Math"), make_set("m1", ["m1 right"], ["x", "y", "z"], "Math"),
         make_set("m2", ["m2 right"], ["m2 best wrong", "y", "z"], "Math"),
         make_set("f0", ["f0 right"], ["x", "y", ""], "Focus"),
-        make_set("t0", ["a", "b"], ["c", "d"], "Ties"), make_set("t1", ["t1 good", "t1 weak"], ["t1 strong", "d"], "Ties")]
+        make_set("t0", ["a", "b"], ["c", "d"], "Ties"),
+        make_set("t1", ["t1 good", "t1 weak"], ["t1 strong", "d"], "Ties")]
 SET_CHOSEN = [[2.0], [1.0], [0.0], [3.0], [2.0, 1.5], [2.0, 0.5]]
 SET_REJECTED = [[1.0, 0.5, 1.9], [0.0, 1.0, -1.0], [0.5, -1.0, -2.0], [1.0, 2.0, 2.5], [1.0, 1.4], [1.0, 0.0]]
 
@@ -302,14 +303,19 @@ def test_eval_rm_scores_a_rewardbench2_file_as_best_of_n(tmp_path, reward_model_
     assert (tmp_path / "out" / "report.md").read_text().startswith(f"# Reward model evaluation: {reward_model_dir}")
 
 
-def test_eval_rm_scores_pairs_with_an_empty_response(tmp_path, reward_model_dir):
+def test_eval_rm_scores_pairs_with_an_empty_response_and_skips_bad_ones(tmp_path, reward_model_dir, capsys):
+    from rlhf.data import DataError
     from rlhf.evaluate import rm
 
     data = tmp_path / "pairs.jsonl"
     data.write_text(json.dumps({"prompt": "q", "chosen": "", "rejected": "bad"}) + "\n"
+                    + json.dumps({"prompt": "", "chosen": "a", "rejected": "b"}) + "\n"
                     + json.dumps({"prompt": "q2", "chosen": "good", "rejected": ""}) + "\n")
-    report = rm.main(["--model", reward_model_dir, "--data", str(data), "--out", str(tmp_path / "out"),
-                      "--plots", "false"])[reward_model_dir]
+    args = ["--model", reward_model_dir, "--data", str(data), "--out", str(tmp_path / "out"), "--plots", "false"]
+    with pytest.raises(DataError, match=r"pairs\.jsonl line 2, field 'prompt': prompt is empty"):
+        rm.main(args)
+    report = rm.main(args + ["--on_bad_record", "skip"])[reward_model_dir]
+    assert "skipped 1 of 3 records" in capsys.readouterr().out
     assert report["n_pairs"] == 2 and "layout" not in report
     scores = [json.loads(line) for line in (tmp_path / "out" / "scores.jsonl").read_text().splitlines()]
     assert all(math.isfinite(row["chosen_score"]) and math.isfinite(row["rejected_score"]) for row in scores)
