@@ -106,6 +106,18 @@ class DataArgs:
                              "evenly spaced, into <output_dir>/gold_curve.jsonl (gold reward against training seconds, "
                              "plotted by the pipeline). Its sampling has its own random state: training is unchanged. "
                              "0 = off."})
+    dataset_config: str | None = field(
+        default=None, metadata={"help": "Hub dataset configuration (its 'subset', e.g. 'helpful-base'), passed to "
+                                "datasets.load_dataset(name, dataset_config); also picks a config of a local hub "
+                                "snapshot folder."})
+    on_bad_record: str = field(
+        default="error",
+        metadata={"help": "Malformed records: error (stop at the first, naming it) or skip (leave them out; the count "
+                  "and the first reasons are printed).", "choices": ["error", "skip"]},
+    )
+    margin_from_scores: bool = field(
+        default=False, metadata={"help": "Preference data with score_chosen/score_rejected (UltraFeedback): use "
+                                 "score_chosen - score_rejected as the pair's margin (TRL's reward-model margin)."})
 
     def __post_init__(self):
         _at_least_one("max_train_samples", self.max_train_samples, optional=True)

@@ -52,11 +52,7 @@ def main(argv: list[str] | None = None):
     from rlhf import data
     from rlhf.models import start_tokenizer
 
-    train_pairs = data.load_preferences(data_args.train_data, data_args.train_split)[: data_args.max_train_samples]
-    eval_pairs = (
-        data.load_preferences(data_args.eval_data, data_args.eval_split)[: data_args.max_eval_samples]
-        if data_args.eval_data else None
-    )
+    train_pairs, eval_pairs = data.load_train(data_args, "preference"), data.load_eval(data_args, "preference")
     gold_prompts = load_gold_prompts(data_args)
     tokenizer, base_model, parent = start_tokenizer(model_args, PARENT_STAGES)
     if training_args.max_length:

@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None, method: str = STAGE, description: str = 
     from rlhf import data, rewards
     from rlhf.models import start_tokenizer
 
-    prompt_records = data.load_prompts(data_args.train_data, data_args.train_split)[: data_args.max_train_samples]
+    prompt_records = data.load_train(data_args, "prompt")
     gold_prompts = load_gold_prompts(data_args)
     tokenizer, base_model, parent = start_tokenizer(model_args, PARENT_STAGES)
     reward_manifest = rewards.reward_manifest(stage_args)

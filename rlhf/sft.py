@@ -3,7 +3,8 @@
     rlhf sft --config recipes/tiny/sft.yaml
     accelerate launch --config_file recipes/accelerate/cpu.yaml -m rlhf.sft --config recipes/tiny/sft.yaml
 
-Reads conversations (`messages`) or prompt/completion records, writes <output_dir>/adapter (+ merged/) and
+Reads conversations (`messages`), prompt/completion records or plain `text` (language modelling, with
+assistant_only_loss: false), writes <output_dir>/adapter (+ merged/) and
 manifest.json for the reward-model, DPO and PPO stages to start from.
 """
 
@@ -14,7 +15,7 @@ from dataclasses import dataclass, field
 
 from trl import SFTConfig
 
-from rlhf.config import DataArgs, ModelArgs, parse_args
+from rlhf.config import ConfigError, DataArgs, ModelArgs, parse_args
 from rlhf.processes import run_main
 from rlhf.stage import (
     StageOutputArgs,
@@ -48,10 +49,12 @@ def main(argv: list[str] | None = None):
     from rlhf import data
     from rlhf.models import start_tokenizer
 
-    train_records = data.load_sft(data_args.train_data, data_args.train_split)[: data_args.max_train_samples]
-    eval_records = (
-        data.load_sft(data_args.eval_data, data_args.eval_split)[: data_args.max_eval_samples] if data_args.eval_data else None
-    )
+    train_records, eval_records = data.load_train(data_args, "sft"), data.load_eval(data_args, "sft")
+    plain_text = next((records[0] for records in (train_records, eval_records or [])
+                       if records and "text" in records[0]), None)
+    if plain_text and training_args.assistant_only_loss:  # TRL would refuse only after the model has loaded
+        raise ConfigError(f"{plain_text.where}: plain 'text', which has no assistant turns for assistant_only_loss; "
+                          "set assistant_only_loss: false (the loss is then on every token)")
     gold_prompts = load_gold_prompts(data_args)
     tokenizer, base_model, parent = start_tokenizer(model_args, PARENT_STAGES)
     if training_args.max_length:

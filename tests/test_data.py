@@ -1,21 +1,27 @@
-"""Tests for rlhf.data: reading, per-layout normalisation, validation errors and length checks."""
+"""Tests for rlhf.data: per-layout normalisation, validation errors, bad records, and length checks."""
 
 import json
 
 import pytest
 
+from rlhf.config import ConfigError, DataArgs
 from rlhf.data import (
+    BEST_OF_N,
+    PAIRS,
     DataError,
     Record,
     check_lengths,
     hh_rlhf_to_messages,
+    load_eval,
     load_preferences,
     load_prompts,
+    load_rm_eval,
     load_sft,
+    load_train,
+    normalise_best_of_n_record,
     normalise_preference_record,
     normalise_prompt_record,
     normalise_sft_record,
-    read_records,
     to_dataset,
 )
 
@@ -39,146 +45,6 @@ def write_jsonl(path, records):
     return str(path)
 
 
-# --------------------------------------------------------------------------- reading
-
-
-def test_jsonl_skips_blank_lines_and_counts_them(tmp_path):
-    path = tmp_path / "x.jsonl"
-    path.write_text('{"a": 1}\n\n   \n{"a": 2}\n')
-    assert read_records(str(path)) == [{"a": 1}, {"a": 2}]
-    path.write_text('{"a": 1}\n\n{"a": \n')
-    with pytest.raises(DataError, match=r"x\.jsonl line 3: not valid JSON"):
-        read_records(str(path))
-
-
-def test_jsonl_record_must_be_object(tmp_path):
-    path = tmp_path / "x.jsonl"
-    path.write_text('{"a": 1}\n[1, 2]\n')
-    with pytest.raises(DataError, match=r"x\.jsonl line 2: expected a JSON object, got list"):
-        read_records(str(path))
-
-
-def test_json_list_and_keyed_object(tmp_path):
-    path = tmp_path / "x.json"
-    path.write_text(json.dumps([{"a": 1}, {"a": 2}]))
-    assert read_records(str(path)) == [{"a": 1}, {"a": 2}]
-    path.write_text(json.dumps({"data": [{"a": 3}]}))
-    assert read_records(str(path)) == [{"a": 3}]
-    path.write_text(json.dumps({"train": [{"a": 4}], "test": [{"a": 5}]}))
-    assert read_records(str(path)) == [{"a": 4}]
-    assert read_records(str(path), split="test") == [{"a": 5}]
-    path.write_text(json.dumps({"rows": []}))
-    with pytest.raises(DataError, match=r"x\.json: expected a list of records.*'rows'"):
-        read_records(str(path))
-    path.write_text('[{"a": 1},\n {"a": }]')
-    with pytest.raises(DataError, match=r"x\.json line 2: not valid JSON"):
-        read_records(str(path))
-    path.write_text(json.dumps([{"a": 1}, 7]))
-    with pytest.raises(DataError, match=r"x\.json record 2: expected a JSON object, got int"):
-        read_records(str(path))
-
-
-def test_jsonl_not_utf8_names_file_line_and_column(tmp_path):
-    path = tmp_path / "latin1.jsonl"
-    path.write_bytes(b'{"prompt": "a"}\n\n{"prompt": "caf\xe9"}\n')
-    with pytest.raises(DataError, match=r"latin1\.jsonl line 3: not valid UTF-8 \(byte 0xe9 at column 16\); "
-                                        r"the file must be UTF-8 encoded"):
-        read_records(str(path))
-
-
-def test_json_not_utf8_line_from_byte_offset(tmp_path):
-    path = tmp_path / "latin1.json"
-    path.write_bytes('[\n  {"prompt": "naïve"},\n  {"prompt": "caf'.encode() + b'\xe9"}\n]')
-    with pytest.raises(DataError, match=r"latin1\.json line 3: not valid UTF-8 \(byte 0xe9 at column 18\)"):
-        read_records(str(path))
-
-
-def test_utf8_byte_order_mark_is_accepted(tmp_path):
-    path = tmp_path / "bom.jsonl"
-    path.write_bytes(b'\xef\xbb\xbf{"a": 1}\n{"a": "\xc3\xa9"}\n')
-    assert read_records(str(path)) == [{"a": 1}, {"a": "é"}]
-
-
-@pytest.mark.parametrize(
-    ("last_line", "pattern"),
-    [
-        ('{"prompt": "abc', r"cut\.jsonl line 3: not valid JSON: the line ends after column 15, before the record "
-                            r"is complete; the string opened at column 12 is never closed \(truncated file\?\)"),
-        ('{"prompt": "abc"\n', r"cut\.jsonl line 3: not valid JSON: the line ends after column 16, before the "
-                               r"record is complete \(truncated file\?\)"),
-        ('{"prompt": ["a", \r\n', r"cut\.jsonl line 3: not valid JSON: the line ends after column 16, before"),
-    ],
-)
-def test_jsonl_cut_off_last_line_points_at_its_end(tmp_path, last_line, pattern):
-    path = tmp_path / "cut.jsonl"
-    path.write_text('{"prompt": "a"}\n{"prompt": "b"}\n' + last_line + "\n\n", newline="")
-    with pytest.raises(DataError, match=pattern):
-        read_records(str(path))
-
-
-def test_jsonl_record_split_across_lines_is_not_called_truncation(tmp_path):
-    path = tmp_path / "split.jsonl"
-    path.write_text('{"prompt": "a",\n "completion": "b"}\n')
-    with pytest.raises(DataError, match=r"split\.jsonl line 1: not valid JSON: the line ends after column 15, "
-                                        r"before the record is complete \(is a record split across lines\?"):
-        read_records(str(path))
-    path.write_text('{"prompt": "a"} x\n')  # an error inside the line keeps the decoder's own column
-    with pytest.raises(DataError, match=r"split\.jsonl line 1: not valid JSON \(Extra data at column 17\)"):
-        read_records(str(path))
-
-
-def test_json_cut_off_file_points_at_its_end(tmp_path):
-    path = tmp_path / "cut.json"
-    path.write_text('[{"prompt": "a"},\n {"prompt": "b"')
-    with pytest.raises(DataError, match=r"cut\.json: not valid JSON: the file ends after line 2 column 15, before "
-                                        r"the JSON is complete \(truncated file\?\)"):
-        read_records(str(path))
-    path.write_text("  \n")
-    with pytest.raises(DataError, match=r"cut\.json: no records found \(the file is empty\)"):
-        read_records(str(path))
-
-
-def test_parquet(tmp_path):
-    pa = pytest.importorskip("pyarrow")
-    import pyarrow.parquet as pq
-
-    path = tmp_path / "p.parquet"
-    table = pa.Table.from_pylist([
-        {"prompt": "hi", "chosen": "good", "rejected": "bad", "margin": 1},
-        {"prompt": "yo", "chosen": "fine", "rejected": "poor", "margin": None},
-    ])
-    pq.write_table(table, str(path))
-    assert read_records(str(path))[0] == {"prompt": "hi", "chosen": "good", "rejected": "bad", "margin": 1}
-    # The None that parquet fills in for an absent margin is treated as absent.
-    assert load_preferences(str(path)) == [
-        {"prompt": [user("hi")], "chosen": [assistant("good")], "rejected": [assistant("bad")], "margin": 1.0},
-        {"prompt": [user("yo")], "chosen": [assistant("fine")], "rejected": [assistant("poor")]},
-    ]
-
-
-def test_directory_with_split_file(tmp_path):
-    write_jsonl(tmp_path / "test.jsonl", [{"prompt": "q"}])
-    assert load_prompts(str(tmp_path), split="test") == [{"prompt": [user("q")]}]
-    with pytest.raises(DataError, match=r"train\.jsonl: file not found"):
-        read_records(str(tmp_path))
-
-
-def test_missing_file_unknown_extension_and_empty(tmp_path):
-    with pytest.raises(DataError, match=r"nope\.jsonl: file not found"):
-        read_records(str(tmp_path / "nope.jsonl"))
-    with pytest.raises(DataError, match=r"file not found"):
-        read_records("data/missing.json")
-    csv = tmp_path / "x.csv"
-    csv.write_text("a,b\n")
-    with pytest.raises(DataError, match=r"x\.csv: unsupported file type '\.csv'; "
-                                        r"supported: \.jsonl, \.json, \.parquet"):
-        read_records(str(csv))
-    empty = tmp_path / "empty.jsonl"
-    empty.write_text("\n\n")
-    with pytest.raises(DataError, match=r"empty\.jsonl: no records"):
-        read_records(str(empty))
-
-
 # --------------------------------------------------------------------------- SFT
 
 
@@ -200,8 +66,11 @@ def test_sft_layouts():
 @pytest.mark.parametrize(
     ("record", "pattern"),
     [
-        ({"text": "hi"}, r"src line 1: unknown format; expected one of: 'messages'; 'prompt' \+ 'completion'; "
-                         r"found keys: \['text'\]"),
+        ({"txt": "hi"}, r"src line 1: unknown format; expected one of: 'messages'; 'prompt' \+ 'completion'; "
+                        r"'text' \(plain text\); found keys: \['txt'\]"),
+        ({"text": 3}, r"src line 1, field 'text': expected a string, got int"),
+        ({"text": " \n"}, r"src line 1, field 'text': empty text"),
+        ({"text": "hi", "system": "s"}, r"field 'system': a plain-text record has no conversation"),
         ({"prompt": "hi"}, r"src line 1, field 'completion': missing required field"),
         ({"messages": "hi"}, r"field 'messages': expected a list of messages, got str"),
         ({"messages": []}, r"field 'messages': expected a non-empty list"),
@@ -211,8 +80,6 @@ def test_sft_layouts():
         ({"messages": [user("hi"), {"role": "assistant", "content": 3}]},
          r"field 'messages\[1\]\.content': expected a string, got int"),
         ({"messages": [user("hi")]}, r"field 'messages': expected the conversation to end with an assistant turn"),
-        ({"messages": [user("hi"), assistant("  ")]}, r"field 'messages': empty response"),
-        ({"prompt": "hi", "completion": ""}, r"field 'completion': empty response"),
         ({"prompt": " ", "completion": "ok"}, r"field 'prompt': prompt is empty"),
         ({"prompt": "hi", "completion": 5}, r"field 'completion': expected a string or a list of messages, got int"),
         ({"messages": [system("a"), user("hi"), assistant("ok")], "system": "b"},
@@ -228,8 +95,19 @@ def test_sft_errors(record, pattern):
 def test_load_sft_error_names_file_line_and_field(tmp_path):
     path = write_jsonl(tmp_path / "sft.jsonl", [{"prompt": "a", "completion": "b"}] * 2)
     with open(path, "a") as handle:
-        handle.write("\n" + json.dumps({"messages": [user("a"), assistant("")]}) + "\n")
-    with pytest.raises(DataError, match=r"sft\.jsonl line 4, field 'messages': empty response"):
+        handle.write("\n" + json.dumps({"messages": [user("a")]}) + "\n")
+    with pytest.raises(DataError, match=r"sft\.jsonl line 4, field 'messages': expected the conversation to end"):
+        load_sft(path)
+
+
+def test_sft_plain_text_and_mixed_layouts_refused(tmp_path):
+    assert normalise_sft_record({"text": "The kettle is great.", "id": 1}, W) == {"text": "The kettle is great."}
+    path = write_jsonl(tmp_path / "text.jsonl", [{"text": "one"}, {"text": "two"}])
+    assert load_sft(path) == [{"text": "one"}, {"text": "two"}]
+    assert to_dataset(load_sft(path)).column_names == ["text"]
+    path = write_jsonl(tmp_path / "mixed.jsonl", [{"text": "one"}, {"prompt": "q", "completion": "a"}])
+    with pytest.raises(DataError, match=r"mixed\.jsonl line 2: a conversation, but the first record is plain text; "
+                                        r"SFT data must be all conversations or all plain 'text'"):
         load_sft(path)
 
 
@@ -306,7 +184,10 @@ def test_preference_hh_rlhf_raw_layout(tmp_path):
          r"field 'chosen': expected a string or a list of messages, got int"),
         ({"chosen": [system("s"), user("a"), assistant("x")], "rejected": [system("s"), user("b"), assistant("y")]},
          r"fields 'chosen' and 'rejected': the shared prompt prefix is not followed by an assistant turn"),
-        ({"prompt": "q", "chosen": "a", "rejected": " "}, r"field 'rejected': empty response"),
+        ({"prompt": "q", "chosen": ["a", "b"], "rejected": ["c"]},
+         r"fields 'chosen' and 'rejected': lists of responses \(the best-of-N layout of RewardBench 2\), which only "
+         r"eval-rm scores"),
+        ({"prompt": "q", "chosen": "", "rejected": ""}, r"fields 'chosen' and 'rejected': identical"),
         ({"prompt": "", "chosen": "a", "rejected": "b"}, r"field 'prompt': prompt is empty"),
         ({"prompt": "q", "chosen": "same", "rejected": "same"}, r"fields 'chosen' and 'rejected': identical"),
         ({"prompt": "q", "chosen": [user("x")], "rejected": "b"},
@@ -320,8 +201,7 @@ def test_preference_hh_rlhf_raw_layout(tmp_path):
         ({"prompt": "q", "chosen": "a", "rejected": "b", "margin": "big"}, r"field 'margin': expected a number"),
         ({"chosen": "\n\nHuman: hi\n\nAssistant: same", "rejected": "\n\nHuman: hi\n\nAssistant: same"},
          r"identical conversations"),
-        ({"chosen": "\n\nHuman: hi\n\nAssistant: ok", "rejected": "\n\nHuman: hi\n\nAssistant:"},
-         r"field 'rejected': empty response"),
+        ({"prompt": "q", "chosen": "a"}, r"field 'rejected': missing required field"),
     ],
 )
 def test_preference_errors(record, pattern):
@@ -354,8 +234,9 @@ def test_prompt_layouts():
 @pytest.mark.parametrize(
     ("record", "pattern"),
     [
-        ({"text": "q"}, r"src line 1: unknown format; expected one of: 'prompt'; 'messages'; "
-                        r"found keys: \['text'\]"),
+        ({"text": "q"}, r"src line 1: unknown format; expected one of: 'prompt'; 'messages'; 'chosen' \+ "
+                        r"'rejected' conversations \(the prompt they share\); found keys: \['text'\]"),
+        ({"chosen": [user("q"), assistant("a")]}, r"unknown format; .*found keys: \['chosen'\]"),
         ({"prompt": "   "}, r"field 'prompt': prompt is empty"),
         ({"messages": [assistant("a")]}, r"field 'messages': prompt is empty"),
         ({"prompt": 5}, r"field 'prompt': expected a string or a list of messages, got int"),
@@ -369,6 +250,138 @@ def test_prompt_errors(record, pattern):
 def test_load_prompts(tmp_path):
     path = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "q1", "item": "a"}, {"prompt": "q2", "item": "b"}])
     assert load_prompts(path) == [{"prompt": [user("q1")], "item": "a"}, {"prompt": [user("q2")], "item": "b"}]
+
+
+def test_prompts_from_a_preference_file_drop_the_responses(tmp_path):
+    hh = "\n\nHuman: hi\n\nAssistant: hello\n\nHuman: more"
+    path = write_jsonl(tmp_path / "prefs.jsonl", [
+        {"prompt": "q", "chosen": "good", "rejected": "bad", "id": 4, "score_chosen": 8.0},
+        {"chosen": [user("u"), assistant("x")], "rejected": [user("u"), assistant("y")], "subset": "chat"},
+        {"chosen": hh + "\n\nAssistant: good", "rejected": hh + "\n\nAssistant: bad"},
+    ])
+    assert load_prompts(path) == [
+        {"prompt": [user("q")], "id": 4, "score_chosen": 8.0},
+        {"prompt": [user("u")], "subset": "chat"},
+        {"prompt": [user("hi"), assistant("hello"), user("more")]},
+    ]
+
+
+# --------------------------------------------------------------------------- empty responses, scores, best-of-N
+
+
+def test_an_empty_response_is_valid_but_an_empty_prompt_or_missing_field_is_not(tmp_path):
+    assert normalise_sft_record({"prompt": "hi", "completion": ""}, W) == {"messages": [user("hi"), assistant("")]}
+    assert normalise_preference_record({"prompt": "q", "chosen": "", "rejected": "bad"}, W) == {
+        "prompt": [user("q")], "chosen": [assistant("")], "rejected": [assistant("bad")]}
+    common = "\n\nHuman: hi"
+    record = {"chosen": common + "\n\nAssistant:", "rejected": common + "\n\nAssistant: no"}
+    assert normalise_preference_record(record, W)["chosen"] == [assistant("")]
+    # HH-RLHF-like: 4 of 50 chosen replies are empty; the set loads whole.
+    rows = [{"chosen": common + f"\n\nAssistant: yes {i}", "rejected": common + f"\n\nAssistant: no {i}"}
+            for i in range(50)]
+    for index in (3, 17, 18, 40):
+        rows[index]["chosen"] = common + "\n\nAssistant: "
+    pairs = load_preferences(write_jsonl(tmp_path / "hh.jsonl", rows))
+    assert len(pairs) == 50 and sum(pair["chosen"] == [assistant("")] for pair in pairs) == 4
+    with pytest.raises(DataError, match=r"field 'prompt': prompt is empty"):
+        normalise_preference_record({"prompt": " ", "chosen": "", "rejected": "b"}, W)
+    with pytest.raises(DataError, match=r"field 'completion': missing required field"):
+        normalise_sft_record({"prompt": "hi"}, W)
+
+
+def test_margin_from_scores(tmp_path, capsys):
+    rows = [{"prompt": "q", "chosen": "a", "rejected": "b", "score_chosen": 8.5, "score_rejected": 3},
+            {"prompt": "q2", "chosen": "a", "rejected": "b", "score_chosen": 5, "score_rejected": 5}]
+    path = write_jsonl(tmp_path / "uf.jsonl", rows)
+    pairs = load_preferences(path, margin_from_scores=True)
+    assert [pair["margin"] for pair in pairs] == [5.5, 0.0]
+    assert to_dataset(pairs)["margin"] == [5.5, 0.0]
+    assert "ignored" not in capsys.readouterr().out
+    # Not asked: the scores are left out, and the load says so (once) and how to use them.
+    assert all("margin" not in pair for pair in load_preferences(path))
+    out = capsys.readouterr().out
+    assert out.count("are ignored") == 1
+    assert f"{path}: 'score_chosen'/'score_rejected' are ignored; set margin_from_scores: true" in out
+    with pytest.raises(DataError, match=r"src line 1, field 'score_rejected': missing required field"):
+        normalise_preference_record({**rows[0], "score_rejected": None}, W, margin_from_scores=True)
+    with pytest.raises(DataError, match=r"field 'score_chosen': expected a number, got str"):
+        normalise_preference_record({**rows[0], "score_chosen": "8"}, W, margin_from_scores=True)
+    with pytest.raises(DataError, match=r"field 'margin': given as well as margin_from_scores"):
+        normalise_preference_record({**rows[0], "margin": 1}, W, margin_from_scores=True)
+
+
+BEST_OF_N_ROWS = [
+    {"id": "1", "prompt": "q", "chosen": ["right"], "rejected": ["w1", "w2", ""], "subset": "Math",
+     "num_correct": 1, "num_incorrect": 3},
+    {"id": "2", "prompt": "t", "chosen": ["a", [assistant("b")]], "rejected": ["c"], "subset": "Ties"},
+]
+
+
+def test_best_of_n_records_and_the_layout_eval_rm_reads(tmp_path):
+    assert normalise_best_of_n_record(BEST_OF_N_ROWS[0], W) == {
+        "prompt": [user("q")], "chosen": [[assistant("right")]],
+        "rejected": [[assistant("w1")], [assistant("w2")], [assistant("")]], "subset": "Math"}
+    assert normalise_best_of_n_record(BEST_OF_N_ROWS[1], W)["chosen"] == [[assistant("a")], [assistant("b")]]
+    with pytest.raises(DataError, match=r"field 'rejected': expected a non-empty list of responses"):
+        normalise_best_of_n_record({**BEST_OF_N_ROWS[0], "rejected": []}, W)
+    with pytest.raises(DataError, match=r"field 'chosen\[0\]': expected the conversation to end with an assistant"):
+        normalise_best_of_n_record({**BEST_OF_N_ROWS[0], "chosen": [[user("x")]]}, W)
+    layout, records = load_rm_eval(write_jsonl(tmp_path / "rb2.jsonl", BEST_OF_N_ROWS))
+    assert layout == BEST_OF_N and [len(record["rejected"]) for record in records] == [3, 1]
+    pairs_file = write_jsonl(tmp_path / "pairs.jsonl", [{"prompt": "q", "chosen": "a", "rejected": "b"}])
+    layout, pairs = load_rm_eval(pairs_file)
+    assert layout == PAIRS and pairs == [{"prompt": [user("q")], "chosen": [assistant("a")],
+                                          "rejected": [assistant("b")]}]
+
+
+# --------------------------------------------------------------------------- bad records
+
+
+def write_with_bad_records(tmp_path):
+    """Five lines: 2 (not JSON), 4 (empty prompt) and 5 (identical responses) are malformed."""
+    path = tmp_path / "prefs.jsonl"
+    good = json.dumps({"prompt": "q", "chosen": "a", "rejected": "b"})
+    path.write_text("\n".join([good, '{"prompt": "q", ', good,
+                               json.dumps({"prompt": " ", "chosen": "a", "rejected": "b"}),
+                               json.dumps({"prompt": "q", "chosen": "same", "rejected": "same"})]) + "\n")
+    return str(path)
+
+
+def test_on_bad_record_error_stops_at_the_first(tmp_path):
+    path = write_with_bad_records(tmp_path)
+    with pytest.raises(DataError, match=rf"^{path} line 2: not valid JSON"):
+        load_preferences(path)
+    with pytest.raises(ConfigError, match=r"on_bad_record: expected one of error, skip, got 'drop'"):
+        load_preferences(path, on_bad_record="drop")
+
+
+def test_on_bad_record_skip_counts_and_names_the_first_reasons(tmp_path, capsys):
+    path = write_with_bad_records(tmp_path)
+    pairs = load_preferences(path, on_bad_record="skip")
+    assert [pair.where for pair in pairs] == [f"{path} line 1", f"{path} line 3"]
+    out = capsys.readouterr().out
+    assert out.startswith(f"[rlhf] skipped 3 of 5 records in {path} (on_bad_record: skip); first: line 2: not valid "
+                          "JSON")
+    assert "; line 4, field 'prompt': prompt is empty; line 5, fields 'chosen' and 'rejected': identical" in out
+    assert len(load_prompts(path, on_bad_record="skip")) == 3  # line 5 is a fine prompt
+    (tmp_path / "prefs.jsonl").write_text('{"prompt": " "}\n[1]\n')
+    with pytest.raises(DataError, match=rf"^{path}: all 2 records are malformed, nothing is left; first: line 1, "
+                                        r"field 'prompt': prompt is empty; line 2: expected a JSON object"):
+        load_prompts(path, on_bad_record="skip")
+
+
+def test_load_train_and_eval_follow_data_args(tmp_path, capsys):
+    train = write_with_bad_records(tmp_path)
+    scored = write_jsonl(tmp_path / "uf.jsonl", [
+        {"prompt": f"q{i}", "chosen": "a", "rejected": "b", "score_chosen": 3 + i, "score_rejected": 1}
+        for i in range(3)])
+    args = DataArgs(train_data=train, eval_data=scored, on_bad_record="skip", margin_from_scores=True,
+                    max_eval_samples=2)
+    with pytest.raises(DataError, match=r"line 1, field 'score_chosen': missing required field"):
+        load_train(args, "preference")  # no scores in the training file: every record is malformed
+    assert [pair["margin"] for pair in load_eval(args, "preference")] == [2.0, 3.0]
+    assert len(load_train(args, "prompt")) == 3 and "skipped 2 of 5" in capsys.readouterr().out
+    assert load_eval(DataArgs(train_data=train), "sft") is None
 
 
 def test_to_dataset_keeps_keys_missing_from_first_record():
@@ -441,6 +454,14 @@ def test_check_lengths_truncate_policy(tokenizer):
     with pytest.raises(DataError, match=r"p record 1, field 'prompt': 5 tokens on its own, "
                                         r"not below max_length 5"):
         check_lengths(records, tokenizer, 5, "p", "preference", policy="truncate")
+
+
+def test_check_lengths_plain_text(tokenizer):
+    records = [{"text": "a b c"}, {"text": "a b c d e"}]  # no EOS in this tokenizer: one token per word
+    assert check_lengths(records, tokenizer, 4, "t", "sft", policy="drop") == records[:1]
+    with pytest.raises(DataError, match=r"t record 2, field 'text': 5 tokens, longer than max_length 4"):
+        check_lengths(records, tokenizer, 4, "t", "sft")
+    assert check_lengths(records, tokenizer, 4, "t", "sft", policy="truncate") == records
 
 
 def test_check_lengths_sft_and_prompt_kinds(tokenizer):

@@ -1,7 +1,8 @@
 """Reward-model evaluation report (`rlhf eval-rm`): statistics from given scores, and the files that show them.
 
 Scoring with a model happens elsewhere; everything here is plain arithmetic on the chosen/rejected scores so it can
-be tested by hand and rerun on saved scores without a GPU.
+be tested by hand and rerun on saved scores without a GPU. Preference pairs get accuracy, margins, calibration, length
+bias; best-of-N records (RewardBench 2: one chosen, three rejected) get best-of-N accuracy, overall and per subset.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import json
 import math
 from pathlib import Path
 
-from rlhf.data import prompt_text
+from rlhf.data import BEST_OF_N, prompt_text
 from rlhf.manifest import atomic_write
 
 WILSON_Z = 1.96
@@ -186,6 +187,68 @@ def pair_rows(pairs: list[dict], chosen_scores: list[float], rejected_scores: li
     return rows
 
 
+# ----------------------------------------------------------------------------------------------- best-of-N
+
+def _best_of_n_chance(n_chosen: int, n_rejected: int) -> float:
+    """Accuracy of random scores: the chance that every chosen response lands above every rejected one."""
+    return 1 / math.comb(n_chosen + n_rejected, n_chosen)
+
+
+def _scored_response(responses: list[list[dict]], scores: list[float], pick) -> str:
+    """The text of the response with the lowest (pick=min) or highest (pick=max) score."""
+    return _response_text(responses[pick(range(len(scores)), key=scores.__getitem__)])
+
+
+def build_best_of_n_report(records: list[dict], chosen_scores: list[list[float]],
+                           rejected_scores: list[list[float]], *, n_worst: int = 5) -> dict:
+    """Best-of-N accuracy overall and per subset. A record is correct when its lowest chosen score is above its
+    highest rejected score (strictly: a tie is wrong), so with several chosen (RewardBench 2's Ties subset) all of
+    them must beat all rejected. `gap` = lowest chosen - highest rejected, > 0 exactly when correct."""
+    n = len(records)
+    if n == 0:
+        raise ValueError("build_best_of_n_report needs at least one record")
+    shapes = [(len(r["chosen"]), len(r["rejected"])) for r in records]
+    if [(len(c), len(r)) for c, r in zip(chosen_scores, rejected_scores)] != shapes or len(chosen_scores) != n:
+        raise ValueError("chosen_scores and rejected_scores must have one score per response of every record")
+    gaps = [min(map(float, c)) - max(map(float, r)) for c, r in zip(chosen_scores, rejected_scores)]
+    correct = [1.0 if gap > 0 else 0.0 for gap in gaps]
+    chance = [_best_of_n_chance(*shape) for shape in shapes]
+
+    by_subset: dict[str, list[int]] = {}
+    for index, record in enumerate(records):
+        if "subset" in record:
+            by_subset.setdefault(str(record["subset"]), []).append(index)
+    subsets = {}
+    for name in sorted(by_subset):
+        accuracy = _accuracy([correct[i] for i in by_subset[name]])
+        subsets[name] = {"n": accuracy["n"], "accuracy": accuracy["mean"], "ci95": accuracy["ci95"],
+                         "chance": _mean([chance[i] for i in by_subset[name]])}
+
+    worst = sorted(range(n), key=lambda i: (gaps[i], i))[:max(n_worst, 0)]
+    worst_records = [{"index": i, "prompt": prompt_text(records[i]["prompt"]), "gap": gaps[i],
+                      "worst_chosen": _scored_response(records[i]["chosen"], chosen_scores[i], min),
+                      "best_rejected": _scored_response(records[i]["rejected"], rejected_scores[i], max)}
+                     for i in worst]
+    return {"layout": BEST_OF_N, "n_records": n, "accuracy": _accuracy(correct), "chance": _mean(chance),
+            "gap": {"mean": _mean(gaps), "median": _median(gaps)}, "subsets": subsets,
+            "worst_records": worst_records}
+
+
+def best_of_n_rows(records: list[dict], chosen_scores: list[list[float]],
+                   rejected_scores: list[list[float]]) -> list[dict]:
+    """One row per record for scores.jsonl: every response's score, the gap and whether the record is correct."""
+    rows = []
+    for index, (record, chosen, rejected) in enumerate(zip(records, chosen_scores, rejected_scores)):
+        gap = min(map(float, chosen)) - max(map(float, rejected))
+        row = {"index": index, "prompt": prompt_text(record["prompt"]),
+               "chosen_scores": [float(x) for x in chosen], "rejected_scores": [float(x) for x in rejected],
+               "gap": gap, "correct": gap > 0}
+        if "subset" in record:
+            row["subset"] = record["subset"]
+        rows.append(row)
+    return rows
+
+
 # ----------------------------------------------------------------------------------------------- files
 
 def _fmt(value, digits: int = 3) -> str:
@@ -228,6 +291,24 @@ def _markdown(report: dict, title: str, plot_names: list[str]) -> str:
               f"| {_cell(w['rejected'])} |" for w in report["worst_pairs"]] + [""]
     if plot_names:
         lines += ["## Plots", ""] + [f"![{name}]({name})" for name in plot_names] + [""]
+    return "\n".join(lines)
+
+
+def _best_of_n_markdown(report: dict, title: str) -> str:
+    accuracy, gap = report["accuracy"], report["gap"]
+    lines = [f"# {title}", "", "A record is correct when every chosen response scores above every rejected one.", "",
+             "| metric | value |", "|---|---|", f"| records | {report['n_records']} |",
+             f"| best-of-N accuracy (95% CI) | {_fmt_accuracy(accuracy['mean'], accuracy['ci95'])} |",
+             f"| chance | {_fmt(report['chance'])} |",
+             f"| mean gap (lowest chosen - highest rejected) | {_fmt(gap['mean'])} |", ""]
+    if report["subsets"]:
+        lines += ["## Subsets", "", "| subset | n | accuracy (95% CI) | chance |", "|---|---|---|---|"]
+        lines += [f"| {_cell(name)} | {s['n']} | {_fmt_accuracy(s['accuracy'], s['ci95'])} | {_fmt(s['chance'])} |"
+                  for name, s in report["subsets"].items()] + [""]
+    lines += ["## Worst records", "", "| index | gap | prompt | lowest chosen | highest rejected |",
+              "|---|---|---|---|---|"]
+    lines += [f"| {w['index']} | {_fmt(w['gap'])} | {_cell(w['prompt'])} | {_cell(w['worst_chosen'])} "
+              f"| {_cell(w['best_rejected'])} |" for w in report["worst_records"]] + [""]
     return "\n".join(lines)
 
 
@@ -274,17 +355,19 @@ def _plots(report: dict, rows: list[dict]) -> dict[str, bytes]:
 
 def write_report(report: dict, out_dir: str | Path, rows: list[dict], title: str = "Reward model evaluation",
                  plots: bool = True) -> dict[str, str]:
-    """report.json, report.md, scores.jsonl and (optionally) three PNGs in out_dir; returns their paths."""
+    """report.json, report.md, scores.jsonl and (optionally, for pairs) three PNGs in out_dir; returns their paths."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    best_of_n = report.get("layout") == BEST_OF_N
     plot_paths = []
-    if plots:
+    if plots and not best_of_n:
         for name, data in _plots(report, rows).items():
             atomic_write(out_dir / name, data)
             plot_paths.append(str(out_dir / name))
     paths = {"json": out_dir / "report.json", "markdown": out_dir / "report.md", "scores": out_dir / "scores.jsonl"}
     atomic_write(paths["scores"], "".join(json.dumps(row, allow_nan=False) + "\n" for row in rows))
-    atomic_write(paths["markdown"], _markdown(report, title, [Path(p).name for p in plot_paths]))
+    atomic_write(paths["markdown"], _best_of_n_markdown(report, title) if best_of_n
+                 else _markdown(report, title, [Path(p).name for p in plot_paths]))
     # JSON last: its presence means the rest of the report is complete.
     atomic_write(paths["json"], json.dumps(report, indent=2, allow_nan=False) + "\n")
     return {**{key: str(path) for key, path in paths.items()}, "plots": plot_paths}
@@ -298,6 +381,11 @@ def write_comparison(reports: dict[str, dict], out_dir: str | Path) -> str:
     subset_names = sorted({subset for report in reports.values() for subset in report.get("subsets", {})})
     summary = {}
     for name, report in reports.items():
+        if report.get("layout") == BEST_OF_N:  # no margins, calibration or length bias to compare
+            summary[name] = {"accuracy": report["accuracy"]["mean"], "ci95": report["accuracy"]["ci95"],
+                             "mean_margin": None, "ece": None, "model_prefers_longer_rate": None,
+                             "subsets": {subset: values["accuracy"] for subset, values in report["subsets"].items()}}
+            continue
         summary[name] = {
             "accuracy": report["accuracy"]["mean"], "ci95": report["accuracy"]["ci95"],
             "mean_margin": report["margin"]["mean"], "ece": report["calibration"]["ece"],

@@ -307,7 +307,7 @@ def main(argv: list[str] | None = None):
     output_dir = Path(args.output_dir)
 
     # Data and rewards: prompts validated, length-checked and tokenised, every reward checked, before any model loads.
-    prompt_records = data.load_prompts(data_args.train_data, data_args.train_split)[: data_args.max_train_samples]
+    prompt_records = data.load_train(data_args, "prompt")
     reward_manifest, reward_functions, reward_weights = reward_sources(args, prompt_records)
     reward_stats = reward_statistics(STAGE, reward_manifest, args.normalize_reward) if reward_manifest else None
     policy_parent = resolve_parent(model_args.init_from, PARENT_STAGES)

@@ -5,7 +5,14 @@ import math
 
 import pytest
 
-from rlhf.evaluate.rm_report import build_report, pair_rows, write_comparison, write_report
+from rlhf.evaluate.rm_report import (
+    best_of_n_rows,
+    build_best_of_n_report,
+    build_report,
+    pair_rows,
+    write_comparison,
+    write_report,
+)
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -183,3 +190,133 @@ def test_write_comparison_has_a_column_per_model(tmp_path):
     summary = json.loads((tmp_path / "comparison.json").read_text())
     assert list(summary) == ["rm-small", "rm-large"]
     assert summary["rm-large"]["subsets"] == {"a": 1.0, "b": 1.0}
+
+
+# ----------------------------------------------------------------------------------------------- best-of-N
+
+def make_set(user: str, chosen: list[str], rejected: list[str], subset: str) -> dict:
+    return {"prompt": [{"role": "user", "content": user}], "subset": subset,
+            "chosen": [[{"role": "assistant", "content": text}] for text in chosen],
+            "rejected": [[{"role": "assistant", "content": text}] for text in rejected]}
+
+
+# Correct when the lowest chosen score is above the highest rejected one; a tie is wrong.
+# Hand count: Math 1 of 3 (m0 right, m1 a tie, m2 wrong), Focus 1 of 1, Ties 1 of 2 (t1's second chosen loses).
+SETS = [make_set("m0", ["m0 right"], ["x", "y", "z"], "Math"), make_set("m1", ["m1 right"], ["x", "y", "z"], "Math"),
+        make_set("m2", ["m2 right"], ["m2 best wrong", "y", "z"], "Math"),
+        make_set("f0", ["f0 right"], ["x", "y", ""], "Focus"),
+        make_set("t0", ["a", "b"], ["c", "d"], "Ties"),
+        make_set("t1", ["t1 good", "t1 weak"], ["t1 strong", "d"], "Ties")]
+SET_CHOSEN = [[2.0], [1.0], [0.0], [3.0], [2.0, 1.5], [2.0, 0.5]]
+SET_REJECTED = [[1.0, 0.5, 1.9], [0.0, 1.0, -1.0], [0.5, -1.0, -2.0], [1.0, 2.0, 2.5], [1.0, 1.4], [1.0, 0.0]]
+
+
+def test_best_of_n_accuracy_overall_and_per_subset_is_the_hand_count():
+    report = build_best_of_n_report(SETS, SET_CHOSEN, SET_REJECTED, n_worst=2)
+    assert report["layout"] == "best_of_n" and report["n_records"] == 6
+    assert report["accuracy"]["mean"] == pytest.approx(3 / 6) and report["accuracy"]["n"] == 6
+    subsets = report["subsets"]
+    assert list(subsets) == ["Focus", "Math", "Ties"]
+    assert {name: (s["n"], s["accuracy"]) for name, s in subsets.items()} == {
+        "Focus": (1, 1.0), "Math": (3, pytest.approx(1 / 3)), "Ties": (2, 0.5)}
+    # Random scores: 1 chosen of 4 on top is 1/4; 2 chosen above 2 rejected is 1 / C(4, 2) = 1/6.
+    assert subsets["Math"]["chance"] == pytest.approx(0.25) and subsets["Ties"]["chance"] == pytest.approx(1 / 6)
+    assert report["chance"] == pytest.approx((4 * 0.25 + 2 / 6) / 6)
+    assert report["gap"]["mean"] == pytest.approx((0.1 + 0.0 - 0.5 + 0.5 + 0.1 - 0.5) / 6)
+    assert report["worst_records"] == [
+        {"index": 2, "prompt": "m2", "gap": pytest.approx(-0.5), "worst_chosen": "m2 right",
+         "best_rejected": "m2 best wrong"},
+        {"index": 5, "prompt": "t1", "gap": pytest.approx(-0.5), "worst_chosen": "t1 weak",
+         "best_rejected": "t1 strong"}]
+    with pytest.raises(ValueError, match="one score per response"):
+        build_best_of_n_report(SETS, SET_CHOSEN, [scores[:1] for scores in SET_REJECTED])
+
+
+def test_best_of_n_files_and_comparison(tmp_path):
+    report = build_best_of_n_report(SETS, SET_CHOSEN, SET_REJECTED)
+    rows = best_of_n_rows(SETS, SET_CHOSEN, SET_REJECTED)
+    assert rows[1] == {"index": 1, "prompt": "m1", "chosen_scores": [1.0], "rejected_scores": [0.0, 1.0, -1.0],
+                       "gap": 0.0, "correct": False, "subset": "Math"}
+    paths = write_report(report, tmp_path / "out", rows, title="RB2")
+    assert paths["plots"] == []  # the plots are of pairs
+    markdown = open(paths["markdown"]).read()
+    assert "| best-of-N accuracy (95% CI) | 0.500 [" in markdown
+    assert "| Math | 3 | 0.333 [" in markdown and "| Ties | 2 | 0.500 [" in markdown
+    assert json.loads(open(paths["json"]).read())["subsets"]["Focus"]["accuracy"] == 1.0
+    comparison = write_comparison({"pairs": build_report(PAIRS, CHOSEN, REJECTED), "rb2": report}, tmp_path)
+    summary = json.loads((tmp_path / "comparison.json").read_text())
+    assert summary["rb2"]["accuracy"] == 0.5 and summary["rb2"]["ece"] is None
+    assert summary["rb2"]["subsets"]["Ties"] == 0.5
+    assert "| accuracy: Ties | n/a | 0.500 |" in open(comparison).read()
+
+
+@pytest.fixture(scope="module")
+def reward_model_dir(tmp_path_factory):
+    """The tiny base with a fresh (seeded) score head, saved as a plain sequence-classification folder."""
+    import torch
+
+    from conftest import TINY_BASE
+    from rlhf.config import ModelArgs
+    from rlhf.models import REWARD, load_pretrained, load_tokenizer
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("rm") / "model"
+    load_pretrained(TINY_BASE, ModelArgs(), REWARD).save_pretrained(path)
+    load_tokenizer(TINY_BASE).save_pretrained(path)
+    return str(path)
+
+
+def test_eval_rm_scores_a_rewardbench2_file_as_best_of_n(tmp_path, reward_model_dir):
+    from rlhf.config import ModelArgs
+    from rlhf.evaluate import rm
+    from rlhf.evaluate.scoring import score_conversations
+
+    rows = [{"id": str(i), "prompt": f"Review item {i}.", "chosen": chosen, "rejected": rejected, "subset": subset,
+             "num_correct": len(chosen), "num_incorrect": len(rejected)}
+            for i, (chosen, rejected, subset) in enumerate([
+                (["Great."], ["Bad.", "Awful.", ""], "Focus"), (["Fine."], ["No.", "Meh.", "Poor."], "Focus"),
+                (["Good kettle."], ["Bad lamp.", "Lamp.", "Kettle?"], "Math"),
+                (["Yes.", "Sure."], ["No.", "Never."], "Ties")])]
+    data = tmp_path / "rb2.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    report = rm.main(["--model", reward_model_dir, "--data", str(data), "--out", str(tmp_path / "out"),
+                      "--batch_size", "3"])[reward_model_dir]
+
+    # The hand count, from scores taken one record at a time.
+    model, tokenizer = rm.load_reward_model(reward_model_dir, ModelArgs())
+    scored = [json.loads(line) for line in (tmp_path / "out" / "scores.jsonl").read_text().splitlines()]
+    correct = {}
+    for row, saved in zip(rows, scored, strict=True):
+        prompt = [{"role": "user", "content": row["prompt"]}]
+        chosen, _ = score_conversations(model, tokenizer, [prompt + [{"role": "assistant", "content": text}]
+                                                           for text in row["chosen"]], show_progress=False)
+        rejected, _ = score_conversations(model, tokenizer, [prompt + [{"role": "assistant", "content": text}]
+                                                             for text in row["rejected"]], show_progress=False)
+        # Each response's score lands on its own record and place, whatever the batching.
+        assert saved["chosen_scores"] == pytest.approx(chosen, abs=1e-5)
+        assert saved["rejected_scores"] == pytest.approx(rejected, abs=1e-5)
+        correct.setdefault(row["subset"], []).append(min(chosen) > max(rejected))
+    assert report["n_records"] == 4
+    assert report["accuracy"]["mean"] == pytest.approx(sum(map(sum, correct.values())) / 4)
+    assert {name: s["accuracy"] for name, s in report["subsets"].items()} == pytest.approx(
+        {name: sum(values) / len(values) for name, values in correct.items()})
+    assert (tmp_path / "out" / "report.md").read_text().startswith(f"# Reward model evaluation: {reward_model_dir}")
+
+
+def test_eval_rm_scores_pairs_with_an_empty_response_and_skips_bad_ones(tmp_path, reward_model_dir, capsys):
+    from rlhf.data import DataError
+    from rlhf.evaluate import rm
+
+    data = tmp_path / "pairs.jsonl"
+    data.write_text(json.dumps({"prompt": "q", "chosen": "", "rejected": "bad"}) + "\n"
+                    + json.dumps({"prompt": "", "chosen": "a", "rejected": "b"}) + "\n"
+                    + json.dumps({"prompt": "q2", "chosen": "good", "rejected": ""}) + "\n")
+    args = ["--model", reward_model_dir, "--data", str(data), "--out", str(tmp_path / "out"), "--plots", "false"]
+    with pytest.raises(DataError, match=r"pairs\.jsonl line 2, field 'prompt': prompt is empty"):
+        rm.main(args)
+    report = rm.main(args + ["--on_bad_record", "skip"])[reward_model_dir]
+    assert "skipped 1 of 3 records" in capsys.readouterr().out
+    assert report["n_pairs"] == 2 and "layout" not in report
+    scores = [json.loads(line) for line in (tmp_path / "out" / "scores.jsonl").read_text().splitlines()]
+    assert all(math.isfinite(row["chosen_score"]) and math.isfinite(row["rejected_score"]) for row in scores)
+    assert scores[0]["chosen"] == "" and scores[1]["rejected"] == ""

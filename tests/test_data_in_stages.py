@@ -1,0 +1,44 @@
+"""Data layouts through the stages that train on them: plain-text SFT, empty responses in reward and DPO pairs."""
+
+import json
+
+import pytest
+
+from conftest import TINY_BASE
+from rlhf.config import ConfigError
+
+COMMON = ["--model_name_or_path", TINY_BASE, "--max_steps", "2", "--per_device_train_batch_size", "4",
+          "--max_length", "64", "--report_to", "none", "--bf16", "false", "--save_strategy", "no",
+          "--logging_steps", "1", "--save_merged", "false"]
+
+
+def write_jsonl(path, records):
+    path.write_text("".join(json.dumps(record) + "\n" for record in records))
+    return str(path)
+
+
+def test_sft_trains_on_plain_text(tmp_path):
+    from rlhf import sft
+
+    data = write_jsonl(tmp_path / "text.jsonl",
+                       [{"text": f"The kettle number {i} is great and the lamp is awful."} for i in range(8)])
+    args = COMMON + ["--train_data", data, "--output_dir", str(tmp_path / "sft")]
+    with pytest.raises(ConfigError, match=rf"^{data} line 1: plain 'text', which has no assistant turns for "
+                                          r"assistant_only_loss; set assistant_only_loss: false"):
+        sft.main(args + ["--assistant_only_loss", "true"])
+    manifest = sft.main(args)
+    assert manifest.metrics["steps"] == 2 and manifest.metrics["first_logged_loss"] > 0
+
+
+def test_reward_and_dpo_train_on_pairs_with_empty_responses(tmp_path):
+    from rlhf import dpo, reward
+
+    data = write_jsonl(tmp_path / "prefs.jsonl", [
+        {"prompt": f"Review item {i}.", "chosen": "" if i % 2 else "Great.", "rejected": "Bad." if i % 2 else ""}
+        for i in range(8)])
+    args = COMMON + ["--train_data", data]
+    # The reward stage also scores the training pairs afterwards (stats_samples): every score must be a number.
+    manifest = reward.main(args + ["--output_dir", str(tmp_path / "reward"), "--stats_samples", "8"])
+    assert manifest.metrics["steps"] == 2 and manifest.metrics["reward_std"] > 0
+    manifest = dpo.main(args + ["--output_dir", str(tmp_path / "dpo")])
+    assert manifest.metrics["steps"] == 2 and manifest.metrics["last_logged_loss"] > 0
