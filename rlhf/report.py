@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from rlhf.evaluate.plots import pyplot, save, write_policy_plots
+from rlhf.evaluate.plots import CAPTIONS, pyplot, save, write_policy_plots
 from rlhf.evaluate.policy import MISSING, format_interval, policy_table
 from rlhf.manifest import atomic_write, is_complete, read_jsonl_log, read_manifest
 
@@ -114,13 +114,11 @@ def write_pipeline_report(args, out: Path, stages: list[str], timings: dict, gol
                       " A policy is flagged as possible reward hacking when the reward model clearly prefers it to "
                       "SFT while its length or KL drifted far." if judged else ""),
                   "", *policy_table(policy_report, "sft", extra)]
-        captions = {"policies.png": "mean score by policy", "reward_vs_kl.png": "score against KL to SFT",
-                    "score_distributions.png": "per-prompt scores by policy"}
         notes = {"reward_vs_kl.png": "Each policy is a point on the held-out prompts" + (
             "; the line is PPO's training trajectory (per-step means over its rollout batches, smoothed), not "
             "held-out values." if training else ".")}
         for name in plots:
-            lines += ["", f"![{captions[name]}]({name})", *(["", notes[name]] if name in notes else [])]
+            lines += ["", f"![{CAPTIONS[name]}]({name})", *(["", notes[name]] if name in notes else [])]
         lines += ["", "Samples side by side: [eval_policy/report.md](eval_policy/report.md)."]
     from rlhf.evaluate.curve import CURVE_NAME, read_curve
 

@@ -11,6 +11,8 @@ from pathlib import Path
 # (per-prompt key, summary key, axis label), in the order the panels are drawn
 SCORES = [("rm", "reward_model_score", "reward-model score"), ("gold", "gold_reward", "gold reward")]
 REFERENCE_COLOR, POLICY_COLOR = "#999999", "#3b75af"
+CAPTIONS = {"policies.png": "mean score by policy", "reward_vs_kl.png": "score against KL to the reference",
+            "score_distributions.png": "per-prompt scores by policy"}  # file written by write_policy_plots -> alt text
 
 
 def pyplot():
@@ -27,6 +29,8 @@ def rows(report: dict, reference_name: str) -> list[tuple[str, dict, bool]]:
     from rlhf.evaluate.policy import display_names
 
     names = display_names(list(report["policies"]))
+    if reference_name in names.values():  # a category axis would draw both on one spot
+        reference_name = f"{reference_name} (reference)"
     return ([(reference_name, report["reference"], True)] if "reference" in report else []) + [
         (names[path], summary, False) for path, summary in report["policies"].items()]
 

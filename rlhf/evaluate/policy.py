@@ -127,7 +127,8 @@ class EvalPolicyArgs:
     split: str = field(default="test", metadata={"help": "Split to read when prompts is a dataset or folder."})
     reference: str | None = field(default=None, metadata={"help": "Reference stage folder (default: the first "
                                                            "policy's parent, e.g. the SFT stage)."})
-    reward_model: str | None = field(default=None, metadata={"help": "Reward stage folder judging win-rates."})
+    reward_model: str | None = field(default=None, metadata={"help": "Reward stage folder scoring the samples (RM score, "
+                                                              "win-rate vs the reference, reward-hacking flag)."})
     gold_reward: str | None = field(default=None, metadata={"help": "module:function gold reward to import and score "
                                                              "samples with, e.g. rlhf.tiny.task:gold_reward."})
     trust_manifest_gold_reward: bool = field(default=False, metadata={
@@ -286,13 +287,15 @@ def policy_table(report: dict, reference_name: str = "reference", extra: dict[st
 
 
 def report_markdown(report: dict, reference_name: str | None, plots: list[str] = ()) -> str:
+    from rlhf.evaluate.plots import CAPTIONS
+
     names = display_names(list(report["policies"]))
     lines = ["# Policy evaluation", "", f"{report['n_prompts']} held-out prompts, sampling {report['sampling']}.",
              f"Reference: {report.get('reference_path') or 'none'}. Reward model: "
              f"{report.get('reward_model_path') or 'none'}. Values are means with 95% confidence intervals.", "",
              *([f"Gold reward not run: {report['gold_reward_not_run']}", ""] if report.get("gold_reward_not_run") else []),
              *policy_table(report, reference_name or "reference"),
-             *[line for name in plots for line in ("", f"![{name}]({name})")]]
+             *[line for name in plots for line in ("", f"![{CAPTIONS[name]}]({name})")]]
     for path, name in names.items():
         lines += ["", f"## Samples: {name}", "", "| prompt | reference | policy |", "|---|---|---|"]
         for example in report["policies"][path]["examples"]:
