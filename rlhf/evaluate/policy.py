@@ -251,7 +251,8 @@ def display_names(paths: list[str]) -> dict[str, str]:
     return {path: name if names.count(name) == 1 else path for path, name in zip(paths, names)}
 
 
-def policy_table(report: dict, reference_name: str = "reference", extra: dict[str, dict[str, str]] | None = None) -> list[str]:
+def policy_table(report: dict, reference_name: str = "reference",
+                 extra: dict[str, dict[str, str]] | None = None) -> list[str]:
     """Markdown lines: the reference's row, then each policy's, and a line per reward-hacking flag. A value that cannot
     exist for a row is "–"; a column with no value in any row is left out (reward-model columns without a reward model,
     gold ones without a gold reward). `extra`: more columns, {label: {policy path: cell}} (the pipeline's time and
@@ -259,7 +260,8 @@ def policy_table(report: dict, reference_name: str = "reference", extra: dict[st
     versus = f"vs {reference_name}"
     columns = {  # label -> cell of a summary (is_reference tells the reference's row)
         "RM score": lambda summary, is_reference: format_interval(summary.get("reward_model_score")),
-        f"win-rate {versus} (RM)": lambda summary, is_reference: format_interval(summary.get("win_rate_vs_reference_rm")),
+        f"win-rate {versus} (RM)": lambda summary, is_reference: format_interval(
+            summary.get("win_rate_vs_reference_rm")),
         f"KL to {reference_name}": lambda summary, is_reference: "0" if is_reference else format_interval(
             summary.get("kl_to_reference")),
         "length": lambda summary, is_reference: f"{summary['response_length']:.1f}",
@@ -363,7 +365,8 @@ def main(argv: list[str] | None = None) -> dict:
                   (f"win-rate vs {reference_name} (RM)", summary.get("win_rate_vs_reference_rm")),
                   ("gold", summary.get("gold_reward")), ("KL", summary.get("kl_to_reference"))]
         shown = "".join(f"{label} {format_interval(value)}, " for label, value in values if value)
-        print(f"[rlhf] {names[path]}: {shown}length {summary['response_length']:.1f}, EOS rate {summary['eos_rate']:.2f}")
+        print(f"[rlhf] {names[path]}: {shown}length {summary['response_length']:.1f}, "
+              f"EOS rate {summary['eos_rate']:.2f}")
     for path, reason in report.get("reward_hacking", {}).items():
         print(f"[rlhf] possible reward hacking: {names[path]} — {reason}")
     if gold_notice:
