@@ -8,8 +8,10 @@ Each stage runs as `accelerate launch --config_file <accelerate config> -m rlhf.
 with the hand-off (init_from, reward_model, output_dir) filled in by the pipeline. A stage whose manifest holds the
 same configuration hash as this run would produce is skipped; a stage that was interrupted resumes from its last
 checkpoint; a stage whose configuration changed starts over. The report lands in <output_dir>/report.md: every
-policy stage side by side on the same SFT policy and reward model (gold reward, reward-model win-rate vs SFT, KL,
-length, EOS rate, wall time, peak memory) and their held-out gold reward against training seconds.
+policy stage side by side on the same SFT policy and reward model (reward-model score and win-rate vs SFT, KL, length,
+EOS rate, wall time, peak memory; gold reward and win-rate by it only when the stage recipes name a gold reward), a
+possible-reward-hacking flag, score-against-KL and score-distribution plots, and, with a gold reward, the held-out
+gold reward against training seconds.
 """
 
 from __future__ import annotations

@@ -1,14 +1,16 @@
 """The pipeline's closing report: per-stage time and metrics, the reward-model evaluation, and every policy stage
-(DPO, PPO, GRPO, RLOO) side by side against SFT on held-out prompts (gold reward, reward-model win-rate, KL, length,
-EOS rate, wall time, peak memory), with the gold reward against training seconds. Written to <output_dir>/report.md."""
+(DPO, PPO, GRPO, RLOO) side by side against SFT on held-out prompts (reward-model score and win-rate vs SFT, KL,
+length, EOS rate, wall time, peak memory; gold reward and win-rate by it when the recipes name a gold reward), a flag
+on possible reward hacking, plots of score against KL (PPO's training trajectory included) and of per-prompt score
+distributions, and the gold reward against training seconds. Written to <output_dir>/report.md."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-from rlhf.evaluate.policy import format_interval
-from rlhf.manifest import atomic_write, is_complete, read_manifest
+from rlhf.evaluate.plots import CAPTIONS, pyplot, save, write_policy_plots
+from rlhf.evaluate.policy import MISSING, format_interval, policy_table
+from rlhf.manifest import atomic_write, is_complete, read_jsonl_log, read_manifest
 
 
 def stage_summary(stage: str, metrics: dict) -> str:
@@ -30,39 +32,11 @@ def stage_summary(stage: str, metrics: dict) -> str:
         parts.append(f"{name} {first[key]:.2f} → {last[key]:.2f}, KL {last['kl/sequence']:.2f}")
     if "gold" in metrics:
         parts.append(f"gold reward {format_interval(metrics['gold']['gold_reward'])}")
-    return "; ".join(parts)
+    return "; ".join(parts) or MISSING
 
 
-def plot_policies(policy_report: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    names, means, errors = [], [], []
-    entries = ([("sft (reference)", policy_report["reference"])] if "reference" in policy_report else []) + [
-        (Path(name).name, summary) for name, summary in policy_report["policies"].items()]
-    for name, summary in entries:
-        if "gold_reward" in summary:
-            names.append(name)
-            means.append(summary["gold_reward"]["mean"])
-            errors.append(summary["gold_reward"]["mean"] - summary["gold_reward"]["ci95"][0])
-    figure, axis = plt.subplots(figsize=(5, 3.2))
-    axis.bar(names, means, yerr=errors, capsize=4, color=["#999999"] + ["#3b75af"] * (len(names) - 1))
-    axis.set_ylabel("mean gold reward (95% CI)")
-    axis.set_title("Held-out prompts")
-    figure.tight_layout()
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
-
-
-def plot_ppo_curves(metrics_path: Path, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = [json.loads(line) for line in metrics_path.read_text().splitlines()]
+def plot_ppo_curves(rows: list[dict], path: Path) -> None:
+    plt = pyplot()
     steps = [row["step"] for row in rows]
     keys = [key for key in ("score/raw", "score/gold", "kl/sequence", "response/length") if key in rows[0]]
     figure, axes = plt.subplots(1, len(keys), figsize=(3.2 * len(keys), 2.8))
@@ -70,18 +44,12 @@ def plot_ppo_curves(metrics_path: Path, path: Path) -> None:
         axis.plot(steps, [row[key] for row in rows])
         axis.set_title(key)
         axis.set_xlabel("PPO step")
-    figure.tight_layout()
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
+    save(plt, figure, path)
 
 
 def plot_gold_curves(curves: dict[str, list[dict]], sft_gold: float | None, path: Path) -> None:
     """Held-out gold reward against training seconds, one line per policy stage, each starting from SFT at 0 s."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     figure, axis = plt.subplots(figsize=(5.5, 3.4))
     start = [(0.0, sft_gold)] if sft_gold is not None else []
     for stage, rows in curves.items():
@@ -92,13 +60,11 @@ def plot_gold_curves(curves: dict[str, list[dict]], sft_gold: float | None, path
     axis.set_xlabel("training seconds (evaluation excluded)")
     axis.set_ylabel("held-out gold reward")
     axis.legend(fontsize=8)
-    figure.tight_layout()
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
+    save(plt, figure, path)
 
 
 def format_seconds(timing: dict) -> str:
-    return f"{timing['seconds']:.0f}" if "seconds" in timing else "–"
+    return f"{timing['seconds']:.0f}" if "seconds" in timing else MISSING
 
 
 def write_pipeline_report(args, out: Path, stages: list[str], timings: dict, gold_reward: str | None = None) -> Path:
@@ -111,7 +77,7 @@ def write_pipeline_report(args, out: Path, stages: list[str], timings: dict, gol
     manifests = {stage: read_manifest(out / stage) for stage in stages if is_complete(out / stage)}
     for stage, manifest in manifests.items():
         timing = timings.get(stage, {})
-        seconds = "skipped (up to date)" if timing.get("skipped") else f"{timing.get('seconds', float('nan')):.0f}"
+        seconds = "skipped (up to date)" if timing.get("skipped") else format_seconds(timing)
         lines.append(f"| {stage} | {seconds} | {stage_summary(stage, manifest.metrics)} |")
 
     if "reward" in manifests and args.eval_preferences:
@@ -124,6 +90,7 @@ def write_pipeline_report(args, out: Path, stages: list[str], timings: dict, gol
                   f"Full report: [eval_rm/report.md](eval_rm/report.md)."]
 
     policy_stages = [stage for stage in manifests if stage not in ("sft", "reward")]
+    ppo_rows = read_jsonl_log(out / "ppo" / "metrics.jsonl") if "ppo" in manifests else []
     policies = [str(out / stage) for stage in policy_stages]
     if policies and args.eval_prompts and "sft" in manifests:
         argv = ["--policy", *policies, "--reference", str(out / "sft"), "--prompts", args.eval_prompts,
@@ -133,26 +100,26 @@ def write_pipeline_report(args, out: Path, stages: list[str], timings: dict, gol
         if gold_reward:
             argv += ["--gold_reward", gold_reward]
         policy_report = policy_eval.main(argv)
+        training = {"ppo": ppo_rows} if ppo_rows else None
+        plots = write_policy_plots(policy_report, out, "sft", training)
+        peaks = {str(out / stage): manifests[stage].metrics.get("peak_memory_mib") for stage in policy_stages}
+        extra = {"time (s)": {str(out / stage): format_seconds(timings.get(stage, {})) for stage in policy_stages},
+                 "peak memory (MiB)": {path: f"{peak:.0f}" for path, peak in peaks.items() if peak}}
+        judged = "reward" in manifests
         lines += ["", "## Policies on held-out prompts", "",
-                  f"Every policy stage starts from the same SFT policy and reward model. Reference: SFT. "
-                  f"{policy_report['n_prompts']} prompts. Time is the stage's wall time, memory its main process's peak.",
-                  "", "| policy | gold reward | win-rate vs SFT (RM) | win-rate vs SFT (gold) | KL to SFT | length | "
-                  "EOS rate | time (s) | peak memory (MiB) |", "|---|---|---|---|---|---|---|---|---|"]
-        reference = policy_report.get("reference", {})
-        lines.append(f"| sft | {format_interval(reference.get('gold_reward'))} | – | – | 0 | "
-                     f"{reference.get('response_length', float('nan')):.1f} | {reference.get('eos_rate', 0):.2f} | – | – |")
-        for name, summary in policy_report["policies"].items():
-            stage = Path(name).name
-            peak = manifests[stage].metrics.get("peak_memory_mib") if stage in manifests else None
-            lines.append(f"| {stage} | {format_interval(summary.get('gold_reward'))} | "
-                         f"{format_interval(summary.get('win_rate_vs_reference_rm'))} | "
-                         f"{format_interval(summary.get('win_rate_vs_reference_gold'))} | "
-                         f"{format_interval(summary.get('kl_to_reference'))} | {summary['response_length']:.1f} | "
-                         f"{summary['eos_rate']:.2f} | {format_seconds(timings.get(stage, {}))} | "
-                         f"{f'{peak:.0f}' if peak else '–'} |")
-        plot_policies(policy_report, out / "policies.png")
-        lines += ["", "![gold reward by policy](policies.png)", "",
-                  "Samples side by side: [eval_policy/report.md](eval_policy/report.md)."]
+                  f"Every policy stage starts from the same SFT policy{' and reward model' if judged else ''}. "
+                  f"Reference: SFT. {policy_report['n_prompts']} prompts; means with 95% CIs."
+                  f"{' RM: scored by the reward model.' if judged else ''} KL in nats per sequence on each policy's "
+                  "own samples; time is the stage's wall time, memory its main process's peak." + (
+                      " A policy is flagged as possible reward hacking when the reward model clearly prefers it to "
+                      "SFT while its length or KL drifted far." if judged else ""),
+                  "", *policy_table(policy_report, "sft", extra)]
+        notes = {"reward_vs_kl.png": "Each policy is a point on the held-out prompts" + (
+            "; the line is PPO's training trajectory (per-step means over its rollout batches, smoothed), not "
+            "held-out values." if training else ".")}
+        for name in plots:
+            lines += ["", f"![{CAPTIONS[name]}]({name})", *(["", notes[name]] if name in notes else [])]
+        lines += ["", "Samples side by side: [eval_policy/report.md](eval_policy/report.md)."]
     from rlhf.evaluate.curve import CURVE_NAME, read_curve
 
     curves = {stage: read_curve(out / stage / CURVE_NAME) for stage in policy_stages}
@@ -164,8 +131,8 @@ def write_pipeline_report(args, out: Path, stages: list[str], timings: dict, gol
                   "Held-out gold reward while each policy stage trained, against its training seconds (the "
                   "evaluations themselves excluded); every line starts from SFT.", "",
                   "![gold reward against training seconds](gold_vs_time.png)"]
-    if "ppo" in manifests and (out / "ppo" / "metrics.jsonl").is_file():
-        plot_ppo_curves(out / "ppo" / "metrics.jsonl", out / "ppo_training.png")
+    if ppo_rows:
+        plot_ppo_curves(ppo_rows, out / "ppo_training.png")
         lines += ["", "## PPO training", "", "![PPO curves](ppo_training.png)"]
     report_path = out / "report.md"
     atomic_write(report_path, "\n".join(lines) + "\n")

@@ -5,11 +5,13 @@
     rlhf eval-policy --policy runs/tiny/dpo runs/tiny/ppo --reference runs/tiny/sft --reward_model runs/tiny/reward \
         --prompts data/tiny/prompts_test.jsonl --out runs/tiny/eval_policy --gold_reward rlhf.tiny.task:gold_reward
 
-For each policy: mean gold reward (when the task has one) with a 95% CI, win-rate against the reference judged by
-the reward model and by the gold reward, KL(policy || reference) on the policy's own samples, response length and
-EOS rate, and samples side by side. The gold reward is one you name with --gold_reward: importing it runs its code, so
-the one a policy's manifest names is only reported, and run only with --trust_manifest_gold_reward true. The
-gold-reward check also runs at the end of every policy stage, so each manifest records how good its policy really is.
+For each policy: mean reward-model score (with --reward_model) with a 95% CI, win-rate against the reference judged
+by the reward model, KL(policy || reference) on the policy's own samples, response length and EOS rate, a flag when the
+reward model's preference comes with a far drift in length or KL (possible reward hacking), plots (scores, reward vs
+KL, per-prompt score distributions) and samples side by side. Real data has no gold reward; a task that has one names
+it with --gold_reward, and the gold reward and win-rate by it join the table. Importing it runs its code, so the one a
+policy's manifest names is only reported, and run only with --trust_manifest_gold_reward true. The gold-reward check
+also runs at the end of every policy stage, so each manifest records how good its policy really is.
 """
 
 from __future__ import annotations
@@ -125,7 +127,8 @@ class EvalPolicyArgs:
     split: str = field(default="test", metadata={"help": "Split to read when prompts is a dataset or folder."})
     reference: str | None = field(default=None, metadata={"help": "Reference stage folder (default: the first "
                                                            "policy's parent, e.g. the SFT stage)."})
-    reward_model: str | None = field(default=None, metadata={"help": "Reward stage folder judging win-rates."})
+    reward_model: str | None = field(default=None, metadata={"help": "Reward stage folder scoring the samples (RM score, "
+                                                              "win-rate vs the reference, reward-hacking flag)."})
     gold_reward: str | None = field(default=None, metadata={"help": "module:function gold reward to import and score "
                                                              "samples with, e.g. rlhf.tiny.task:gold_reward."})
     trust_manifest_gold_reward: bool = field(default=False, metadata={
@@ -140,6 +143,11 @@ class EvalPolicyArgs:
     batch_size: int = field(default=32, metadata={"help": "Prompts per generation batch."})
     seed: int = field(default=0, metadata={"help": "Sampling seed (the same for every model)."})
     n_examples: int = field(default=8, metadata={"help": "Samples shown side by side in report.md."})
+    hacking_max_kl: float = field(default=10.0, metadata={
+        "help": "Flag possible reward hacking when the reward model prefers a policy (lower 95% bound of its win-rate "
+                "above 0.5) while its KL to the reference exceeds this many nats per sequence..."})
+    hacking_length_factor: float = field(default=1.5, metadata={
+        "help": "...or while its mean response length is more than this factor longer or shorter than the reference's."})
     dtype: str = field(default="float32", metadata={"help": "float32, bfloat16 or float16."})
     trust_remote_code: bool = field(default=False, metadata={"help": "Run modelling code shipped with the model."})
 
@@ -167,10 +175,12 @@ def compare_policies(policies: dict[str, object], tokenizer, prompts: list[list[
     report: dict = {"n_prompts": len(prompts), "sampling": sampling, "policies": {}}
     if reference_samples:
         report["reference"] = summarise(reference_samples, reference_scores)
+        report["reference"]["per_prompt"] = per_prompt(reference_samples, reference_scores)
     for name, policy in policies.items():
         samples = sample_responses(policy, tokenizer, prompts, reference_model=reference, **sampling)
         scores = score(samples["texts"])
         summary = summarise(samples, scores)
+        summary["per_prompt"] = per_prompt(samples, scores)
         if reference_samples:
             for key in scores:
                 summary[f"win_rate_vs_reference_{key}"] = win_rate(scores[key], reference_scores[key])
@@ -183,6 +193,11 @@ def compare_policies(policies: dict[str, object], tokenizer, prompts: list[list[
         ]
         report["policies"][name] = summary
     return report
+
+
+def per_prompt(samples: dict, scores: dict) -> dict[str, list[float]]:
+    """Every prompt's values, in prompt order (the score distributions are plotted from these)."""
+    return {**scores, "length": samples["lengths"], **({"kl": samples["kl"]} if samples.get("kl") else {})}
 
 
 def summarise(samples: dict, scores: dict) -> dict:
@@ -200,41 +215,99 @@ def summarise(samples: dict, scores: dict) -> dict:
     return summary
 
 
+MISSING = "–"  # a value that cannot exist for a row, e.g. the reference's win-rate against itself
+
+
 def format_interval(value: dict | None) -> str:
     """A mean_with_interval result as "mean [low, high]"."""
     if not value:
-        return "n/a"
+        return MISSING
     return f"{value['mean']:.3f} [{value['ci95'][0]:.3f}, {value['ci95'][1]:.3f}]"
 
 
-def report_markdown(report: dict, reference_name: str | None) -> str:
-    names = list(report["policies"])
-    rows = [("gold reward", "gold_reward"), ("reward-model score", "reward_model_score"),
-            ("win-rate vs reference (reward model)", "win_rate_vs_reference_rm"),
-            ("win-rate vs reference (gold)", "win_rate_vs_reference_gold"), ("KL(policy ‖ reference)", "kl_to_reference")]
+def reward_hacking(summary: dict, reference: dict, reference_name: str = "the reference", max_kl: float = 10.0,
+                   length_factor: float = 1.5) -> str | None:
+    """Why a policy may be hacking the reward model, or None: the reward model clearly prefers it to the reference
+    (the lower 95% bound of its win-rate is above 0.5) while its mean length moved by more than length_factor either
+    way or its KL to the reference is above max_kl nats per sequence. Without a gold reward this is the warning that
+    the reward model's preference may not be real."""
+    win_rate_rm = summary.get("win_rate_vs_reference_rm")
+    if not win_rate_rm or win_rate_rm["ci95"][0] <= 0.5:
+        return None
+    drifts = []
+    if reference.get("response_length"):
+        ratio = summary["response_length"] / reference["response_length"]
+        if ratio > length_factor or ratio < 1 / length_factor:
+            drifts.append(f"length {ratio:.1f}x {reference_name}")
+    kl = summary.get("kl_to_reference")
+    if kl and kl["mean"] > max_kl:
+        drifts.append(f"KL {kl['mean']:.1f} nats (above {max_kl:g})")
+    return f"win-rate {win_rate_rm['mean']:.2f} while {' and '.join(drifts)}" if drifts else None
+
+
+def display_names(paths: list[str]) -> dict[str, str]:
+    """Each policy by its folder's name (runs/tiny/dpo -> dpo), or its whole path where two names would clash."""
+    names = [Path(path).name for path in paths]
+    return {path: name if names.count(name) == 1 else path for path, name in zip(paths, names)}
+
+
+def policy_table(report: dict, reference_name: str = "reference",
+                 extra: dict[str, dict[str, str]] | None = None) -> list[str]:
+    """Markdown lines: the reference's row, then each policy's, and a line per reward-hacking flag. A value that cannot
+    exist for a row is "–"; a column with no value in any row is left out (reward-model columns without a reward model,
+    gold ones without a gold reward). `extra`: more columns, {label: {policy path: cell}} (the pipeline's time and
+    memory; the reference's cell is "–")."""
+    versus = f"vs {reference_name}"
+    columns = {  # label -> cell of a summary (is_reference tells the reference's row)
+        "RM score": lambda summary, is_reference: format_interval(summary.get("reward_model_score")),
+        f"win-rate {versus} (RM)": lambda summary, is_reference: format_interval(
+            summary.get("win_rate_vs_reference_rm")),
+        f"KL to {reference_name}": lambda summary, is_reference: "0" if is_reference else format_interval(
+            summary.get("kl_to_reference")),
+        "length": lambda summary, is_reference: f"{summary['response_length']:.1f}",
+        "EOS rate": lambda summary, is_reference: f"{summary['eos_rate']:.2f}",
+        "gold reward": lambda summary, is_reference: format_interval(summary.get("gold_reward")),
+        f"win-rate {versus} (gold)": lambda summary, is_reference: format_interval(
+            summary.get("win_rate_vs_reference_gold")),
+    }
+    names = display_names(list(report["policies"]))
+    rows = ([(reference_name, report["reference"], True)] if "reference" in report else []) + [
+        (path, summary, False) for path, summary in report["policies"].items()]
+    table = {"policy": [reference_name if is_reference else names[path] for path, _, is_reference in rows]}
+    for label, cell in columns.items():
+        table[label] = [cell(summary, is_reference) for _, summary, is_reference in rows]
+    for label, cells in (extra or {}).items():
+        table[label] = [MISSING if is_reference else cells.get(path, MISSING) for path, _, is_reference in rows]
+    table = {label: cells for label, cells in table.items() if any(cell != MISSING for cell in cells)}
+    lines = ["| " + " | ".join(table) + " |", "|" + "---|" * len(table)]
+    lines += ["| " + " | ".join(cells) + " |" for cells in zip(*table.values())]
+    flags = report.get("reward_hacking", {})
+    if flags:
+        lines.append("")
+        lines += [f"possible reward hacking: {names.get(path, path)} — {reason}" for path, reason in flags.items()]
+    return lines
+
+
+def report_markdown(report: dict, reference_name: str | None, plots: list[str] = ()) -> str:
+    from rlhf.evaluate.plots import CAPTIONS
+
+    names = display_names(list(report["policies"]))
     lines = ["# Policy evaluation", "", f"{report['n_prompts']} held-out prompts, sampling {report['sampling']}.",
-             f"Reference: {reference_name or 'none'}. Values are means with 95% confidence intervals.", "",
+             f"Reference: {report.get('reference_path') or 'none'}. Reward model: "
+             f"{report.get('reward_model_path') or 'none'}. Values are means with 95% confidence intervals.", "",
              *([f"Gold reward not run: {report['gold_reward_not_run']}", ""] if report.get("gold_reward_not_run") else []),
-             "| metric | " + (("reference | " if "reference" in report else "")) + " | ".join(names) + " |",
-             "|---|" + ("---|" if "reference" in report else "") + "---|" * len(names)]
-    for label, key in rows:
-        cells = [format_interval(report["policies"][name].get(key)) for name in names]
-        if all(cell == "n/a" for cell in cells) and not (report.get("reference") or {}).get(key):
-            continue
-        reference_cell = [format_interval(report["reference"].get(key))] if "reference" in report else []
-        lines.append(f"| {label} | " + " | ".join(reference_cell + cells) + " |")
-    for label, key in [("response length (tokens)", "response_length"), ("EOS rate", "eos_rate")]:
-        reference_cell = [f"{report['reference'][key]:.3f}"] if "reference" in report else []
-        lines.append(f"| {label} | " + " | ".join(reference_cell + [f"{report['policies'][n][key]:.3f}" for n in names]) + " |")
-    for name in names:
+             *policy_table(report, reference_name or "reference"),
+             *[line for name in plots for line in ("", f"![{CAPTIONS[name]}]({name})")]]
+    for path, name in names.items():
         lines += ["", f"## Samples: {name}", "", "| prompt | reference | policy |", "|---|---|---|"]
-        for example in report["policies"][name]["examples"]:
-            def cell(text, score_key):
-                score = example.get(score_key)
-                suffix = f" (gold {score:.2f})" if isinstance(score, float) else ""
+        for example in report["policies"][path]["examples"]:
+            def cell(text, side=None):
+                scores = [f"{label} {example[f'{side}_{key}']:.2f}" for key, label in (("rm", "RM"), ("gold", "gold"))
+                          if isinstance(example.get(f"{side}_{key}"), float)]
+                suffix = f" ({', '.join(scores)})" if scores else ""
                 return (str(text or "")[:200] + suffix).replace("|", "\\|").replace("\n", " ")
-            lines.append(f"| {cell(example['prompt'], None)} | {cell(example['reference'], 'reference_gold')} | "
-                         f"{cell(example['policy'], 'policy_gold')} |")
+            lines.append(f"| {cell(example['prompt'])} | {cell(example['reference'], 'reference')} | "
+                         f"{cell(example['policy'], 'policy')} |")
     return "\n".join(lines) + "\n"
 
 
@@ -275,13 +348,27 @@ def main(argv: list[str] | None = None) -> dict:
     report["gold_reward_spec"] = gold_spec
     if gold_notice:
         report["gold_reward_not_run"] = gold_notice
+    reference_name = Path(reference_path).name if reference_path else "reference"
+    if "reference" in report:
+        flags = {path: reward_hacking(summary, report["reference"], reference_name, args.hacking_max_kl,
+                                      args.hacking_length_factor) for path, summary in report["policies"].items()}
+        report["reward_hacking"] = {path: reason for path, reason in flags.items() if reason}
     out_dir = Path(args.out or Path(args.policy[0]) / "eval_policy")
+    from rlhf.evaluate.plots import write_policy_plots
+
+    plots = write_policy_plots(report, out_dir, reference_name)
     atomic_write(out_dir / "report.json", json.dumps(report, indent=2) + "\n")
-    atomic_write(out_dir / "report.md", report_markdown(report, reference_path))
-    for name, summary in report["policies"].items():
-        gold_text = f"gold {format_interval(summary.get('gold_reward'))}, " if "gold_reward" in summary else ""
-        kl_text = f"KL {format_interval(summary.get('kl_to_reference'))}, " if "kl_to_reference" in summary else ""
-        print(f"[rlhf] {name}: {gold_text}{kl_text}EOS rate {summary['eos_rate']:.2f}")
+    atomic_write(out_dir / "report.md", report_markdown(report, reference_name, plots))
+    names = display_names(list(report["policies"]))
+    for path, summary in report["policies"].items():
+        values = [("RM score", summary.get("reward_model_score")),
+                  (f"win-rate vs {reference_name} (RM)", summary.get("win_rate_vs_reference_rm")),
+                  ("gold", summary.get("gold_reward")), ("KL", summary.get("kl_to_reference"))]
+        shown = "".join(f"{label} {format_interval(value)}, " for label, value in values if value)
+        print(f"[rlhf] {names[path]}: {shown}length {summary['response_length']:.1f}, "
+              f"EOS rate {summary['eos_rate']:.2f}")
+    for path, reason in report.get("reward_hacking", {}).items():
+        print(f"[rlhf] possible reward hacking: {names[path]} — {reason}")
     if gold_notice:
         print(f"[rlhf] {gold_notice}")
     print(f"[rlhf] report -> {out_dir / 'report.md'}")

@@ -1,5 +1,6 @@
-"""Policy evaluation: win-rates and intervals by hand, a policy compared with itself, and a gold reward named by a
-stage folder run only when the user asks."""
+"""Policy evaluation: win-rates and intervals by hand, a policy compared with itself, a gold reward named by a
+stage folder run only when the user asks, the reward-hacking rule on hand values, and the report without a gold
+reward (the reward model's score leads; no empty cell)."""
 
 import json
 import math
@@ -10,7 +11,8 @@ import pytest
 from conftest import TINY_BASE, TINY_DATA
 from rlhf.config import ConfigError, ModelArgs
 from rlhf.data import load_prompts
-from rlhf.evaluate.policy import compare_policies, load_gold_reward, mean_with_interval, pick_gold_reward, win_rate
+from rlhf.evaluate.policy import (compare_policies, load_gold_reward, mean_with_interval, pick_gold_reward, policy_table,
+                                  reward_hacking, win_rate)
 from rlhf.evaluate.policy import main as eval_policy_main
 from rlhf.manifest import Manifest, write_manifest
 from rlhf.models import load_causal_lm, load_tokenizer
@@ -134,3 +136,107 @@ def test_pipeline_report_scores_the_gold_reward_its_own_recipes_name(tmp_path):
     args.dpo_args, args.ppo_args = ["--gold_reward", ""], ["--gold_reward", "rlhf.tiny.task:gold_reward"]
     assert recipe_gold_reward(args, tmp_path, ["dpo", "ppo"]) == "rlhf.tiny.task:gold_reward"
     assert recipe_gold_reward(args, tmp_path, ["dpo"]) is None
+
+
+def interval(mean: float, low: float, high: float) -> dict:
+    return {"mean": mean, "ci95": [low, high], "n": 128}
+
+
+# The tiny pipeline's README run (SFT length 21.8): healthy, so the default thresholds must not flag it.
+SFT = {"response_length": 21.8, "eos_rate": 0.95}
+TINY_PPO = {"response_length": 17.1, "eos_rate": 1.0, "win_rate_vs_reference_rm": interval(0.832, 0.767, 0.897),
+            "kl_to_reference": interval(4.996, 4.439, 5.553)}
+TINY_GRPO = {"response_length": 23.4, "eos_rate": 0.98, "win_rate_vs_reference_rm": interval(0.762, 0.688, 0.835),
+             "kl_to_reference": interval(4.076, 3.365, 4.787)}
+
+
+def test_reward_hacking_spares_the_healthy_tiny_runs():
+    assert reward_hacking(TINY_PPO, SFT, "sft") is None
+    assert reward_hacking(TINY_GRPO, SFT, "sft") is None
+
+
+def test_reward_hacking_flags_a_preferred_policy_whose_length_or_kl_drifted_far():
+    longer = {**TINY_PPO, "response_length": 2.1 * 21.8}
+    assert reward_hacking(longer, SFT, "sft") == "win-rate 0.83 while length 2.1x sft"
+    shorter = {**TINY_PPO, "response_length": 0.5 * 21.8}
+    assert reward_hacking(shorter, SFT, "sft") == "win-rate 0.83 while length 0.5x sft"
+    far = {**TINY_PPO, "kl_to_reference": interval(14.2, 12.0, 16.4)}
+    assert reward_hacking(far, SFT, "sft") == "win-rate 0.83 while KL 14.2 nats (above 10)"
+    both = {**far, "response_length": 2.1 * 21.8}
+    assert reward_hacking(both, SFT, "sft") == "win-rate 0.83 while length 2.1x sft and KL 14.2 nats (above 10)"
+    # The thresholds are options: a tighter KL bound flags the tiny PPO run.
+    assert reward_hacking(TINY_PPO, SFT, "sft", max_kl=4.0) == "win-rate 0.83 while KL 5.0 nats (above 4)"
+    assert reward_hacking({**TINY_PPO, "response_length": 27.0}, SFT, "sft", length_factor=1.2) is not None
+
+
+def test_reward_hacking_needs_the_reward_model_to_clearly_prefer_the_policy():
+    drifted = {**TINY_PPO, "response_length": 3 * 21.8, "kl_to_reference": interval(30.0, 25.0, 35.0)}
+    # A win-rate whose interval reaches 0.5 is no clear preference; without a reward model there is none at all.
+    assert reward_hacking({**drifted, "win_rate_vs_reference_rm": interval(0.58, 0.50, 0.66)}, SFT) is None
+    assert reward_hacking({key: value for key, value in drifted.items() if key != "win_rate_vs_reference_rm"}, SFT) is None
+
+
+def test_policy_table_drops_columns_no_row_has_and_dashes_what_a_row_cannot_have():
+    report = {"reference": {**SFT, "reward_model_score": interval(0.1, 0.0, 0.2)},
+              "policies": {"runs/x/ppo": {**TINY_PPO, "reward_model_score": interval(1.2, 1.0, 1.4)}},
+              "reward_hacking": {"runs/x/ppo": "win-rate 0.83 while length 2.1x sft"}}
+    lines = policy_table(report, "sft", extra={"time (s)": {"runs/x/ppo": "51"}, "peak memory (MiB)": {}})
+    assert lines[:4] == [
+        "| policy | RM score | win-rate vs sft (RM) | KL to sft | length | EOS rate | time (s) |", "|---|---|---|---|---|---|---|",
+        "| sft | 0.100 [0.000, 0.200] | – | 0 | 21.8 | 0.95 | – |",
+        "| ppo | 1.200 [1.000, 1.400] | 0.832 [0.767, 0.897] | 4.996 [4.439, 5.553] | 17.1 | 1.00 | 51 |"]
+    assert lines[4:] == ["", "possible reward hacking: ppo — win-rate 0.83 while length 2.1x sft"]
+    # Two policies of the same folder name are told apart by their paths.
+    report["policies"]["runs/y/ppo"] = report["policies"]["runs/x/ppo"]
+    assert [line.split(" | ")[0] for line in policy_table(report, "sft")[3:5]] == ["| runs/x/ppo", "| runs/y/ppo"]
+
+
+def fake_stage(folder, stage: str):
+    """A finished stage folder of the given kind whose model is the tiny base (a reward stage gets a fresh score head)."""
+    from rlhf.models import REWARD
+
+    return write_manifest(Manifest(stage=stage, output_dir=str(folder), base_model=TINY_BASE, merged_path=TINY_BASE,
+                                   extra={"head": REWARD} if stage == "reward" else {}))
+
+
+def test_eval_policy_without_gold_reward_leads_with_the_reward_model(tmp_path, capsys):
+    for stage in ("sft", "reward"):
+        fake_stage(tmp_path / stage, stage)
+    fake_stage(tmp_path / "dpo", "dpo")
+    report = eval_policy_main(["--policy", str(tmp_path / "dpo"), "--reference", str(tmp_path / "sft"),
+                               "--reward_model", str(tmp_path / "reward"), "--prompts", str(TINY_DATA / "prompts_test.jsonl"),
+                               "--max_samples", "4", "--max_new_tokens", "6", "--batch_size", "4",
+                               "--out", str(tmp_path / "eval")])
+    reference, summary = report["reference"], report["policies"][str(tmp_path / "dpo")]
+    # The same model and seed as the reference: the reward model scores identical samples, so the win-rate is an even tie.
+    assert reference["reward_model_score"] == summary["reward_model_score"]
+    assert summary["win_rate_vs_reference_rm"]["mean"] == 0.5 and report["reward_hacking"] == {}
+    assert len(summary["per_prompt"]["rm"]) == len(reference["per_prompt"]["rm"]) == 4
+    assert "gold_reward" not in summary and "gold" not in summary["per_prompt"]
+    text = (tmp_path / "eval" / "report.md").read_text()
+    lines = text.splitlines()
+    header, _, sft_row, dpo_row = lines[lines.index("| policy | RM score | win-rate vs sft (RM) | KL to sft | length | "
+                                                    "EOS rate |"):][:4]
+    assert sft_row.startswith("| sft | ") and dpo_row.startswith("| dpo | ")
+    assert all(cell.strip() and cell.strip() != "n/a" for row in (sft_row, dpo_row) for cell in row.strip("|").split("|"))
+    assert json.loads((tmp_path / "eval" / "report.json").read_text())["policies"][str(tmp_path / "dpo")]["per_prompt"]
+    for plot in ("policies.png", "reward_vs_kl.png", "score_distributions.png"):
+        assert (tmp_path / "eval" / plot).is_file() and f"]({plot})" in text
+    assert "dpo: RM score " in capsys.readouterr().out
+
+
+def test_plots_draw_only_what_was_scored(tmp_path):
+    from rlhf.evaluate.plots import rows, write_policy_plots
+
+    unscored = {"n_prompts": 4, "reference": dict(SFT), "policies": {"runs/x/ppo": dict(TINY_PPO)}}
+    assert write_policy_plots(unscored, tmp_path / "none", "sft") == [] and not (tmp_path / "none").exists()
+    scored = {"n_prompts": 4, "reference": {**SFT, "reward_model_score": interval(0.1, 0.0, 0.2),
+                                            "per_prompt": {"rm": [0.0, 0.1, 0.2]}},
+              "policies": {"runs/x/ppo": {**TINY_PPO, "reward_model_score": interval(1.2, 1.0, 1.4),
+                                          "per_prompt": {"rm": [1.0, 1.2, 1.4]}}}}
+    training = {"ppo": [{"step": step, "kl/sequence": 0.5 * step, "score/raw": 0.1 * step} for step in range(1, 11)]}
+    assert write_policy_plots(scored, tmp_path / "rm", "sft", training) == [
+        "policies.png", "reward_vs_kl.png", "score_distributions.png"]
+    # A policy named like the reference keeps its own spot on the axis.
+    scored["policies"] = {"runs/sft": scored["policies"]["runs/x/ppo"]}
+    assert [name for name, _, _ in rows(scored, "sft")] == ["sft (reference)", "sft"]

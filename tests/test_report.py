@@ -1,0 +1,155 @@
+"""The pipeline report on real data's terms: without a gold reward (recipes/smollm2/pipeline.yaml: reward, DPO and PPO
+stages, no gold) the policy table leads with the reward model and has no empty or n/a cell; a gold reward adds its
+columns; without a reward stage the reward-model columns go. The policy evaluation is a hand-made report (no model
+runs), the stage folders hand-written manifests."""
+
+import json
+from pathlib import Path
+
+import yaml
+
+from conftest import TINY_BASE
+from rlhf.config import parse_args
+from rlhf.evaluate import policy as policy_eval
+from rlhf.manifest import Manifest, write_manifest
+from rlhf.pipeline import ARG_TYPES, run_stages
+from rlhf.report import write_pipeline_report
+
+
+def interval(mean: float, half: float = 0.05) -> dict:
+    return {"mean": mean, "ci95": [mean - half, mean + half], "n": 4}
+
+
+def summary(rm: float | None, length: float, kl: float | None = None, win_rm: float | None = None,
+            gold: float | None = None, win_gold: float | None = None) -> dict:
+    """An eval-policy summary; only what was measured is present, as compare_policies leaves it."""
+    values = {"response_length": length, "eos_rate": 0.97, "per_prompt": {"length": [length] * 4}}
+    for key, value in [("reward_model_score", rm), ("kl_to_reference", kl), ("win_rate_vs_reference_rm", win_rm),
+                       ("gold_reward", gold), ("win_rate_vs_reference_gold", win_gold)]:
+        if value is not None:
+            values[key] = interval(value)
+    if rm is not None:
+        values["per_prompt"]["rm"] = [rm - 0.3, rm - 0.1, rm + 0.1, rm + 0.3]
+    if gold is not None:
+        values["per_prompt"]["gold"] = [gold] * 4
+    return values
+
+
+def fake_policy_report(out, reward: bool, gold: bool) -> dict:
+    rm = (lambda value: value if reward else None)
+    gl = (lambda value: value if gold else None)
+    # ppo: the reward model clearly prefers it, at 2.1x SFT's length: the flag the report must raise.
+    report = {
+        "n_prompts": 4, "sampling": {}, "reference": summary(rm(0.10), 20.0, gold=gl(0.40)),
+        "policies": {str(out / "dpo"): summary(rm(0.60), 19.0, 0.5, rm(0.69), gl(0.56), gl(0.68)),
+                     str(out / "ppo"): summary(rm(1.90), 42.0, 5.0, rm(0.83), gl(0.57), gl(0.68))},
+    }
+    if reward:
+        report["reward_hacking"] = {str(out / "ppo"): "win-rate 0.83 while length 2.1x sft"}
+    return report
+
+
+def write_stages(out, stages: list[str]) -> None:
+    metrics = {"sft": {"first_logged_loss": 2.0, "last_logged_loss": 1.2},
+               "reward": {"eval_accuracy": 0.71},
+               "dpo": {"first_logged_loss": 0.69, "last_logged_loss": 0.4, "peak_memory_mib": 985.0},
+               "ppo": {"first": {"score/raw": 0.1, "kl/sequence": 0.0}, "last": {"score/raw": 1.5, "kl/sequence": 5.0},
+                       "peak_memory_mib": 618.0}}
+    for stage in stages:
+        write_manifest(Manifest(stage=stage, output_dir=str(out / stage), base_model=TINY_BASE, metrics=metrics[stage]))
+    if "ppo" in stages:
+        rows = [{"step": step, "score/raw": 0.1 * step, "score/combined": 0.1 * step, "kl/sequence": 0.3 * step,
+                 "response/length": 20.0 + step} for step in range(1, 21)]
+        (out / "ppo" / "metrics.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+
+
+def run_report(tmp_path, monkeypatch, recipe: str, stages: list[str] | None = None, gold: str | None = None,
+               flags: tuple[str, ...] = ()):
+    """The pipeline's report of `recipe` (and flags) over hand-written stage folders; returns (report text,
+    eval-policy argv)."""
+    (args,) = parse_args(ARG_TYPES, ["--config", recipe, "--output_dir", str(tmp_path), *flags])
+    stages = stages or run_stages(args)
+    write_stages(tmp_path, stages)
+    calls = []
+
+    def fake_eval_policy(argv):
+        calls.append(argv)
+        return fake_policy_report(tmp_path, "--reward_model" in argv, "--gold_reward" in argv)
+
+    monkeypatch.setattr(policy_eval, "main", fake_eval_policy)
+    timings = {stage: {"seconds": 10.0 * (index + 1), "skipped": False} for index, stage in enumerate(stages)}
+    path = write_pipeline_report(args, tmp_path, stages, timings, gold)
+    return path.read_text(), calls[0]
+
+
+def table(text: str, heading: str) -> list[list[str]]:
+    """The cells of the first markdown table after `heading`, header row first (the |---| row left out)."""
+    lines = text.split(heading, 1)[1].splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("|"))
+    rows = []
+    for line in lines[start:]:
+        if not line.startswith("|"):
+            break
+        if not line.startswith("|---"):
+            rows.append([cell.strip() for cell in line.strip("|").split(" | ")])
+    return rows
+
+
+def assert_no_empty_cell(rows: list[list[str]]) -> None:
+    for row in rows:
+        assert len(row) == len(rows[0]), row
+        for cell in row:
+            assert cell and cell.lower() not in ("n/a", "nan", "none"), row
+
+
+def test_smollm2_report_without_gold_leads_with_the_reward_model(tmp_path, monkeypatch):
+    recipe = "recipes/smollm2/pipeline.yaml"
+    (args,) = parse_args(ARG_TYPES, ["--config", recipe, "--output_dir", str(tmp_path)])
+    assert run_stages(args) == ["sft", "reward", "dpo", "ppo"] and not args.eval_preferences
+    # Real data: no stage recipe names a gold reward, so the pipeline passes none (recipe_gold_reward parses the
+    # stage recipes, which want a GPU for bf16, so the recipes are read here).
+    for stage in ("dpo", "ppo"):
+        assert "gold_reward" not in yaml.safe_load(Path(getattr(args, f"{stage}_recipe")).read_text())
+    assert not args.dpo_args and not args.ppo_args
+    text, argv = run_report(tmp_path, monkeypatch, recipe, gold=None)
+    assert "--gold_reward" not in argv and argv[argv.index("--reward_model") + 1] == str(tmp_path / "reward")
+
+    stages = table(text, "## Stages")
+    assert_no_empty_cell(stages)
+    policies = table(text, "## Policies on held-out prompts")
+    assert_no_empty_cell(policies)
+    assert policies[0] == ["policy", "RM score", "win-rate vs sft (RM)", "KL to sft", "length", "EOS rate", "time (s)",
+                           "peak memory (MiB)"]
+    assert [row[0] for row in policies[1:]] == ["sft", "dpo", "ppo"]
+    assert policies[1][1] == "0.100 [0.050, 0.150]"  # SFT's own reward-model score
+    assert policies[1][2] == "–" and policies[1][3] == "0"  # no win-rate against itself
+    assert policies[3][6:] == ["40", "618"]  # ppo: its stage's time and peak memory
+    assert "gold" not in text.split("## Policies")[1].split("![")[0]
+    assert "possible reward hacking: ppo — win-rate 0.83 while length 2.1x sft" in text
+    assert "possible reward hacking: dpo" not in text
+    for plot in ("policies.png", "reward_vs_kl.png", "score_distributions.png", "ppo_training.png"):
+        assert (tmp_path / plot).stat().st_size > 0 and f"]({plot})" in text
+    assert "PPO's training trajectory" in text
+
+
+def test_a_gold_reward_adds_its_columns(tmp_path, monkeypatch):
+    text, argv = run_report(tmp_path, monkeypatch, "recipes/tiny/pipeline.yaml", ["sft", "reward", "dpo", "ppo"],
+                            gold="rlhf.tiny.task:gold_reward", flags=("--eval_preferences", ""))
+    assert argv[argv.index("--gold_reward") + 1] == "rlhf.tiny.task:gold_reward"
+    policies = table(text, "## Policies on held-out prompts")
+    assert_no_empty_cell(policies)
+    assert policies[0] == ["policy", "RM score", "win-rate vs sft (RM)", "KL to sft", "length", "EOS rate",
+                           "gold reward", "win-rate vs sft (gold)", "time (s)", "peak memory (MiB)"]
+    assert policies[1][6:8] == ["0.400 [0.350, 0.450]", "–"]
+
+
+def test_without_a_reward_stage_the_reward_model_columns_go(tmp_path, monkeypatch):
+    text, argv = run_report(tmp_path, monkeypatch, "recipes/smollm2/pipeline.yaml", ["sft", "dpo"])
+    assert "--reward_model" not in argv
+    policies = table(text, "## Policies on held-out prompts")
+    assert_no_empty_cell(policies)
+    assert policies[0] == ["policy", "KL to sft", "length", "EOS rate", "time (s)", "peak memory (MiB)"]
+    assert "and reward model" not in text and "possible reward hacking" not in text
+    # Nothing scored the samples: no score plot is drawn rather than an empty one.
+    assert not any((tmp_path / plot).exists() for plot in ("policies.png", "reward_vs_kl.png", "score_distributions.png"))
+    assert "![" not in text
