@@ -1,7 +1,8 @@
 """Run arguments shared by every stage, and the parser that fills dataclasses from a YAML recipe plus the command line.
 
-Precedence: dataclass defaults < YAML recipe (--config) < command-line flags. Recipe keys are checked before anything
-runs: an unknown key fails with a did-you-mean, a value of the wrong type fails naming the key and the expected type.
+Precedence: dataclass defaults < YAML recipe (--config) < command-line flags. Recipe keys and flags are checked
+before anything runs: an unknown one fails in one line with a did-you-mean, a value of the wrong type fails naming the
+key and the expected type. TRL's names for our keys (ALIASES) are accepted in recipes and on the command line.
 """
 
 from __future__ import annotations
@@ -132,6 +133,105 @@ def check_training_ranges(training_args) -> None:
             _at_least_one(name, getattr(training_args, name), optional=True)
 
 
+def check_precision(bf16: bool, fp16: bool, where: str) -> None:
+    """Refuse half precision this machine cannot run, before anything loads: transformers and accelerate refuse it
+    later with a traceback. `where` names what asked for it (e.g. "ppo", "TRL's default")."""
+    from transformers.utils import import_utils
+
+    if bf16 and fp16:
+        raise ConfigError(f"{where} sets both bf16 and fp16: set at most one")
+    if bf16 and not (import_utils.is_torch_bf16_gpu_available() or import_utils.is_torch_xla_available()):
+        raise ConfigError(f"{where} sets bf16: true but this machine has no GPU that runs bf16: set bf16: false "
+                          "(--bf16 false) or run on a GPU")
+    # accelerate runs fp16 mixed precision on these devices only
+    fp16_devices = ("cuda", "xpu", "npu", "mlu", "musa", "hpu", "mps")
+    if fp16 and not any(getattr(import_utils, f"is_torch_{device}_available", lambda: False)() for device in fp16_devices):
+        raise ConfigError(f"{where} sets fp16: true but this machine has no GPU: set fp16: false (--fp16 false) or run "
+                          "on a GPU")
+
+
+def _check_training_precision(namespace: dict) -> None:
+    """check_precision for TrainingArguments values, before TrainingArguments itself refuses them (use_cpu runs bf16
+    on the CPU; TRL's configs turn bf16 on when neither bf16 nor fp16 is set)."""
+    fp16 = bool(namespace.get("fp16") or namespace.get("fp16_full_eval"))
+    bf16 = namespace.get("bf16")
+    where = "TRL's default (bf16 unset)" if bf16 is None and not fp16 else "the config"
+    bf16 = (not fp16 if bf16 is None else bf16) or bool(namespace.get("bf16_full_eval"))
+    check_precision(bf16 and not namespace.get("use_cpu"), fp16, where)
+
+
+# TRL's names for our keys (ScriptArguments, ModelConfig, the PPOConfig of TRL 0.x, transformers' former torch_dtype),
+# so a TRL or alignment-handbook recipe runs as written. A name counts for a command that has no key of its own by
+# that name and has one of the keys it stands for (the first it has): dataset_name is train_data for a training stage,
+# data for eval-rm and prompts for eval-policy; max_steps is PPO's steps (SFTConfig has its own max_steps).
+ALIASES = {
+    "dataset_name": ("train_data", "data", "prompts"),
+    "dataset_train_split": ("train_split",),
+    "dataset_test_split": ("eval_split", "split"),
+    "use_peft": ("use_lora",),
+    "torch_dtype": ("dtype",),
+    "max_steps": ("steps",),  # a PPO iteration: one rollout batch and its ppo_epochs of updates
+    "num_ppo_epochs": ("ppo_epochs",),
+    "lr_scheduler_type": ("lr_scheduler",),
+    "response_length": ("max_new_tokens",),
+    "max_completion_length": ("max_new_tokens",),
+    "reward_model_path": ("reward_model",),
+}
+# TRL keys with no counterpart here, accepted at the value that changes nothing (handbook recipes write them out).
+NO_OP_KEYS = {"model_revision": "main"}
+# TRL keys PPO counts differently, each with the PPO key that marks a command as PPO and what to set instead.
+UNMAPPED_HINTS = {
+    "per_device_train_batch_size": ("rollout_batch_size", "PPO sizes batches in rollouts: set rollout_batch_size "
+                                    "(prompts per process per iteration), mini_batch_size (per optimizer step) and "
+                                    "gradient_accumulation_steps"),
+    "num_train_epochs": ("steps", "PPO runs a number of iterations: set steps (or max_steps)"),
+    "total_episodes": ("steps", "PPO runs steps iterations of rollout_batch_size prompts per process: set steps"),
+    "num_mini_batches": ("mini_batch_size", "set mini_batch_size (rollout_batch_size / num_mini_batches)"),
+}
+
+
+def aliases_for(known) -> dict[str, str]:
+    """The TRL names that count for a command with these keys, each with the key it stands for."""
+    found = {}
+    for alias, targets in ALIASES.items():
+        target = next((name for name in targets if name in known), None)
+        if alias not in known and target:
+            found[alias] = target
+    return found
+
+
+def _canonical(pairs, aliases: dict[str, str], where: str, show) -> tuple[list, set[str]]:
+    """(name, value) pairs with TRL's names replaced by ours, and which TRL names were used. The same key given under
+    two names with different values is refused (with the same value it counts once)."""
+    seen: dict[str, tuple[str, object]] = {}
+    result, used = [], set()
+    for name, value in pairs:
+        if name in NO_OP_KEYS:
+            if str(value) != NO_OP_KEYS[name]:
+                raise ConfigError(f"{where}{show(name)}: only {NO_OP_KEYS[name]!r} is supported, got {value!r}; download that "
+                                  "revision and give its folder as model_name_or_path")
+            continue
+        target = aliases.get(name, name)
+        if target in seen and seen[target][0] != name and seen[target][1] != value:
+            raise ConfigError(f"{where}{show(seen[target][0])} and {show(name)} are the same setting ({target}) with different "
+                              f"values ({seen[target][1]!r} and {value!r}): give one of them")
+        seen[target] = (name, value)
+        used |= {name} if target != name else set()
+        result.append((target, value))
+    return result, used
+
+
+def did_you_mean(name: str, candidates, show=str) -> str:
+    """'did you mean X?' for the closest one of candidates (our names and TRL's; argparse's dashed spellings left
+    out), or what PPO sets instead of a TRL key it counts differently, or ''."""
+    candidates = [item for item in candidates if "-" not in item]
+    marker, hint = UNMAPPED_HINTS.get(name, (None, ""))
+    if marker in candidates:
+        return hint
+    close = difflib.get_close_matches(name, candidates, n=1)
+    return f"did you mean {show(close[0])}?" if close else ""
+
+
 def _field_types(dataclass_types) -> dict[str, tuple[type, object]]:
     fields: dict[str, tuple[type, object]] = {}
     for dataclass_type in dataclass_types:
@@ -185,12 +285,21 @@ def _accepts(annotation, wanted: type) -> bool:
         wanted is int and annotation is bool)
 
 
+def _takes_list(annotation) -> bool:
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        return any(_takes_list(arg) for arg in typing.get_args(annotation))
+    return annotation is list or typing.get_origin(annotation) is list
+
+
 def _recipe_value(value, annotation):
     """A recipe value as the field should hold it: a number written as a string (`learning_rate: 1e-3`) becomes a
-    float where the field takes a float and no string. Everything else is returned as is."""
+    float where the field takes a float and no string; one string where the field takes a list and no string
+    (`lora_target_modules: all-linear`, as TRL recipes write it) becomes a list of it. Everything else is as is."""
     if (isinstance(value, str) and _NUMBER_STRING.fullmatch(value.strip()) and _accepts(annotation, float)
             and not _accepts(annotation, str)):
         return float(value)
+    if isinstance(value, str) and _takes_list(annotation) and not _accepts(annotation, str):
+        return [value]
     return value
 
 
@@ -205,7 +314,13 @@ def _type_hint(value, annotation) -> str:
 
 
 def load_recipe(path: str, dataclass_types) -> dict:
-    """Read a YAML recipe and check every key and value type against the stage's dataclasses."""
+    """Read a YAML recipe and check every key and value type against the stage's dataclasses; TRL's names come back
+    as ours."""
+    return _read_recipe(path, dataclass_types)[0]
+
+
+def _read_recipe(path: str, dataclass_types) -> tuple[dict, set[str]]:
+    """The recipe with our key names, and the TRL names it used."""
     import yaml
 
     recipe_path = Path(path)
@@ -219,22 +334,68 @@ def load_recipe(path: str, dataclass_types) -> dict:
         recipe = {}
     if not isinstance(recipe, dict):
         raise ConfigError(f"recipe {path}: expected a mapping of key: value, got {type(recipe).__name__}")
+    env = recipe.pop("env", {})
+    if not isinstance(env, dict):
+        raise ConfigError(f"recipe {path}: 'env' must be a mapping of VARIABLE: value")
     known = _field_types(dataclass_types)
+    aliases = aliases_for(known)
     for key, value in list(recipe.items()):
-        if key == "env":
-            if not isinstance(value, dict):
-                raise ConfigError(f"recipe {path}: 'env' must be a mapping of VARIABLE: value")
+        if key in NO_OP_KEYS:
             continue
-        if key not in known:
-            close = difflib.get_close_matches(key, list(known), n=3)
-            hint = f" Did you mean {', '.join(repr(name) for name in close)}?" if close else ""
+        if aliases.get(key, key) not in known:
+            hint = did_you_mean(key, [*known, *aliases, *NO_OP_KEYS], show=repr)
+            hint = f" {hint[:1].upper()}{hint[1:]}{'' if hint.endswith('?') else '.'}" if hint else ""
             raise ConfigError(f"recipe {path}: unknown key '{key}'.{hint} Run with --help to list the keys.")
-        annotation, _ = known[key]
+        annotation, _ = known[aliases.get(key, key)]
         value = recipe[key] = _recipe_value(value, annotation)
         if not _matches_type(value, annotation):
             raise ConfigError(f"recipe {path}: key '{key}' expects {_describe(annotation)}, got "
                               f"{type(value).__name__} {value!r}{_type_hint(value, annotation)}")
-    return recipe
+    pairs, used = _canonical(recipe.items(), aliases, f"recipe {path}: ", show=repr)
+    return {**dict(pairs), **({"env": env} if env else {})}, used
+
+
+def _flag_groups(args: list[str]) -> list[list]:
+    """[name, values, written with '='] for each --flag of a command line (name None for anything before the first)."""
+    groups = []
+    for token in args:
+        if token.startswith("--") and len(token) > 2:
+            name, equals, value = token[2:].partition("=")
+            groups.append([name, [value] if equals else [], bool(equals)])
+        elif groups:
+            groups[-1][1].append(token)
+        else:
+            groups.append([None, [token], False])
+    return groups
+
+
+def _canonical_flags(args: list[str], parser, aliases: dict[str, str]) -> tuple[list[str], set[str]]:
+    """The command line with TRL's flag names replaced by ours and the TRL names it used. An unknown flag fails in
+    one line with the closest names (ours and TRL's), not argparse's usage text."""
+    options = {option[2:] for action in parser._actions for option in action.option_strings if option.startswith("--")}
+    flag_aliases = {**aliases, **{f"no_{alias}": f"no_{target}" for alias, target in aliases.items()
+                                  if f"no_{target}" in options}}
+    groups = _flag_groups(args)
+    for name, _, _ in groups:
+        if name is not None and name not in NO_OP_KEYS and flag_aliases.get(name, name) not in options:
+            hint = did_you_mean(name, [*options, *flag_aliases, *NO_OP_KEYS], show=lambda item: f"--{item}")
+            raise ConfigError(f"unknown option --{name}{'; ' + hint if hint else ''} (--help lists the options)")
+    # Values compare as written after the flag (--x=1 and --x 1 agree).
+    _, used = _canonical([(name, " ".join(values)) for name, values, _ in groups if name is not None], flag_aliases,
+                         "", show=lambda item: f"--{item}")
+    tokens = []
+    for name, values, equals in groups:
+        if name is None:
+            tokens += values
+        elif name not in NO_OP_KEYS:
+            name = flag_aliases.get(name, name)
+            tokens += [f"--{name}={values[0]}"] if equals else [f"--{name}", *values]
+    return tokens, used
+
+
+def _raise_config_error(message: str):
+    """argparse's own errors (a bad choice, a value that is not a number) as one line instead of its usage text."""
+    raise ConfigError(message)
 
 
 def parse_args(dataclass_types, argv: list[str] | None = None, prog: str | None = None, description: str | None = None):
@@ -243,27 +404,37 @@ def parse_args(dataclass_types, argv: list[str] | None = None, prog: str | None 
 
     args = list(sys.argv[1:] if argv is None else argv)
     # A field declared by several dataclasses (trust_remote_code is in ModelArgs and every TRL config) becomes one
-    # flag whose value fills them all.
-    parser = TrlParser(dataclass_types, prog=prog, description=description, conflict_handler="resolve")
+    # flag whose value fills them all. No abbreviations: a typo'd flag must fail, not set the flag it prefixes.
+    parser = TrlParser(dataclass_types, prog=prog, description=description, conflict_handler="resolve",
+                       allow_abbrev=False)
+    parser.error = _raise_config_error
     parser.add_argument("--config", default=None, help="YAML recipe; command-line flags override its values.")
-    for action in parser._actions:  # help texts are plain prose: a literal '%' must not be read as a format
-        if action.help and "%" in action.help and "%(" not in action.help:
+    aliases = aliases_for(_field_types(dataclass_types))
+    for action in parser._actions:
+        if action.help and "%" in action.help and "%(" not in action.help:  # plain prose: '%' is not a format
             action.help = action.help.replace("%", "%%")
+        also = [f"--{alias}" for alias, target in aliases.items() if action.option_strings[:1] == [f"--{target}"]]
+        if also:
+            action.help = f"{action.help or ''} (also: {', '.join(also)}, TRL's name)".strip()
+    trl_names = set()
     if "--config" in args:
         index = args.index("--config")
         if index + 1 >= len(args):
             raise ConfigError("--config needs a recipe path")
         recipe_path = args[index + 1]
         del args[index : index + 2]
-        recipe = load_recipe(recipe_path, dataclass_types)
+        recipe, trl_names = _read_recipe(recipe_path, dataclass_types)
         for name, value in recipe.pop("env", {}).items():
             os.environ[name] = str(value)
         parser.set_defaults_with_config(**recipe)
+    args, flag_trl_names = _canonical_flags(args, parser, aliases)
     namespace = vars(parser.parse_args(args))
     optional = {name for name, (annotation, _) in _field_types(dataclass_types).items() if _accepts(annotation, type(None))}
     for name in optional & set(namespace):  # `--reward_model null` on the command line unsets it, as in a recipe
         if namespace[name] in ("null", "None"):
             namespace[name] = None
+    if any(_is_training_arguments_type(dataclass_type) for dataclass_type in dataclass_types):
+        _check_training_precision(namespace)
     instances = []
     for dataclass_type in dataclass_types:
         names = {item.name for item in dataclasses.fields(dataclass_type) if item.init}
@@ -273,7 +444,24 @@ def parse_args(dataclass_types, argv: list[str] | None = None, prog: str | None 
         if _is_training_arguments(instance):
             check_training_ranges(instance)
         _move_hub_token(instance)
+    if "dataset_name" in trl_names | flag_trl_names:
+        _evaluate_like_trl(instances)
     return tuple(instances)
+
+
+def _evaluate_like_trl(instances) -> None:
+    """TRL's scripts evaluate on dataset_name's dataset_test_split whenever eval_strategy is not "no"; a recipe that
+    names its data the TRL way and no eval_data gets the same (our stages evaluate on eval_data, read with
+    eval_split)."""
+    data_args = next((item for item in instances if isinstance(item, DataArgs)), None)
+    training_args = next((item for item in instances if _is_training_arguments(item)), None)
+    if data_args is None or training_args is None or data_args.eval_data or training_args.eval_strategy == "no":
+        return
+    if os.path.isfile(data_args.train_data or ""):
+        raise ConfigError(f"eval_strategy is {training_args.eval_strategy.value!r} but dataset_name "
+                          f"{data_args.train_data} is one file, with no {data_args.eval_split!r} split to evaluate "
+                          "on: set eval_data (or eval_strategy: no)")
+    data_args.eval_data = data_args.train_data
 
 
 def _build(dataclass_type, values: dict, prog: str | None):
@@ -290,6 +478,12 @@ def _is_training_arguments(instance) -> bool:
     from transformers import TrainingArguments
 
     return isinstance(instance, TrainingArguments)
+
+
+def _is_training_arguments_type(dataclass_type) -> bool:
+    from transformers import TrainingArguments
+
+    return isinstance(dataclass_type, type) and issubclass(dataclass_type, TrainingArguments)
 
 
 def _move_hub_token(instance) -> None:
