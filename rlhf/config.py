@@ -296,6 +296,7 @@ def parse_args(dataclass_types, argv: list[str] | None = None, prog: str | None 
     from rlhf.trl_names import aliases_for, canonical_flags
 
     args = list(sys.argv[1:] if argv is None else argv)
+    args = [part for arg in args for part in (arg.split("=", 1) if arg.startswith("--config=") else [arg])]
     # A field declared by several dataclasses (trust_remote_code is in ModelArgs and every TRL config) becomes one
     # flag whose value fills them all. No abbreviations: a typo'd flag must fail, not set the flag it prefixes.
     parser = TrlParser(dataclass_types, prog=prog, description=description, conflict_handler="resolve",

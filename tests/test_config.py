@@ -440,3 +440,8 @@ def test_alignment_handbook_style_recipe_runs(tmp_path):
     assert "eval_loss" in manifest["metrics"]
     adapter = json.loads((output_dir / "adapter" / "adapter_config.json").read_text())
     assert (adapter["r"], adapter["lora_alpha"]) == (8, 16)
+
+
+def test_config_given_with_equals_is_read(tmp_path):
+    model_args, _ = parse_args((ModelArgs, DataArgs), [f"--config={write(tmp_path, 'lora_r: 4')}"])
+    assert model_args.lora_r == 4
