@@ -403,9 +403,9 @@ lora_dropout: 0.05
 lora_target_modules: all-linear
 
 # Data training arguments
-dataset_name: data/tiny
-dataset_train_split: sft_train
-dataset_test_split: sft_test
+dataset_name: {data}
+dataset_train_split: train
+dataset_test_split: test
 
 # SFT trainer config
 bf16: false
@@ -428,13 +428,19 @@ seed: 42
 def test_alignment_handbook_style_recipe_runs(tmp_path):
     from rlhf.cli import main
 
+    # A dataset folder as the hub lays one out: train.jsonl and test.jsonl.
+    folder = tmp_path / "data"
+    folder.mkdir()
+    for split, source in (("train", "sft_train.jsonl"), ("test", "sft_test.jsonl")):
+        lines = (REPO / "data" / "tiny" / source).read_text().splitlines()[:32]
+        (folder / f"{split}.jsonl").write_text("\n".join(lines) + "\n")
     output_dir = tmp_path / "sft"
-    recipe = write(tmp_path, HANDBOOK_SFT.format(output_dir=output_dir))
+    recipe = write(tmp_path, HANDBOOK_SFT.format(data=folder, output_dir=output_dir))
     assert main(["sft", "--config", recipe]) == 0
     manifest = json.loads((output_dir / "manifest.json").read_text())
     data, model = manifest["config"]["data"], manifest["config"]["model"]
-    assert (data["train_data"], data["train_split"]) == ("data/tiny", "sft_train")
-    assert (data["eval_data"], data["eval_split"]) == ("data/tiny", "sft_test")  # TRL's eval: the test split
+    assert (data["train_data"], data["train_split"]) == (str(folder), "train")
+    assert (data["eval_data"], data["eval_split"]) == (str(folder), "test")  # TRL's eval: the test split
     assert (model["use_lora"], model["lora_r"], model["lora_alpha"]) == (True, 8, 16)
     assert manifest["config"]["training"]["max_steps"] == 2
     assert "eval_loss" in manifest["metrics"]
