@@ -1,13 +1,13 @@
 """Run arguments shared by every stage, and the parser that fills dataclasses from a YAML recipe plus the command line.
 
-Precedence: dataclass defaults < YAML recipe (--config) < command-line flags. Recipe keys are checked before anything
-runs: an unknown key fails with a did-you-mean, a value of the wrong type fails naming the key and the expected type.
+Precedence: dataclass defaults < YAML recipe (--config) < command-line flags. Recipe keys and flags are checked
+before anything runs: an unknown one fails in one line with a did-you-mean, a value of the wrong type fails naming the
+key and the expected type. TRL's names for our keys (rlhf.trl_names) are accepted in recipes and on the command line.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import os
 import re
 import sys
@@ -144,6 +144,33 @@ def check_training_ranges(training_args) -> None:
             _at_least_one(name, getattr(training_args, name), optional=True)
 
 
+def check_precision(bf16: bool, fp16: bool, where: str) -> None:
+    """Refuse half precision this machine cannot run, before anything loads: transformers and accelerate refuse it
+    later with a traceback. `where` names what asked for it (e.g. "ppo", "TRL's default")."""
+    from transformers.utils import import_utils
+
+    if bf16 and fp16:
+        raise ConfigError(f"{where} sets both bf16 and fp16: set at most one")
+    if bf16 and not (import_utils.is_torch_bf16_gpu_available() or import_utils.is_torch_xla_available()):
+        raise ConfigError(f"{where} sets bf16: true but this machine has no GPU that runs bf16: set bf16: false "
+                          "(--bf16 false) or run on a GPU")
+    # accelerate runs fp16 mixed precision on these devices only
+    fp16_devices = ("cuda", "xpu", "npu", "mlu", "musa", "hpu", "mps")
+    if fp16 and not any(getattr(import_utils, f"is_torch_{device}_available", lambda: False)() for device in fp16_devices):
+        raise ConfigError(f"{where} sets fp16: true but this machine has no GPU: set fp16: false (--fp16 false) or run "
+                          "on a GPU")
+
+
+def _check_training_precision(namespace: dict) -> None:
+    """check_precision for TrainingArguments values, before TrainingArguments itself refuses them (use_cpu runs bf16
+    on the CPU; TRL's configs turn bf16 on when neither bf16 nor fp16 is set)."""
+    fp16 = bool(namespace.get("fp16") or namespace.get("fp16_full_eval"))
+    bf16 = namespace.get("bf16")
+    where = "TRL's default (bf16 unset)" if bf16 is None and not fp16 else "the config"
+    bf16 = (not fp16 if bf16 is None else bf16) or bool(namespace.get("bf16_full_eval"))
+    check_precision(bf16 and not namespace.get("use_cpu"), fp16, where)
+
+
 def _field_types(dataclass_types) -> dict[str, tuple[type, object]]:
     fields: dict[str, tuple[type, object]] = {}
     for dataclass_type in dataclass_types:
@@ -197,12 +224,21 @@ def _accepts(annotation, wanted: type) -> bool:
         wanted is int and annotation is bool)
 
 
+def _takes_list(annotation) -> bool:
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        return any(_takes_list(arg) for arg in typing.get_args(annotation))
+    return annotation is list or typing.get_origin(annotation) is list
+
+
 def _recipe_value(value, annotation):
     """A recipe value as the field should hold it: a number written as a string (`learning_rate: 1e-3`) becomes a
-    float where the field takes a float and no string. Everything else is returned as is."""
+    float where the field takes a float and no string; one string where the field takes a list and no string
+    (`lora_target_modules: all-linear`, as TRL recipes write it) becomes a list of it. Everything else is as is."""
     if (isinstance(value, str) and _NUMBER_STRING.fullmatch(value.strip()) and _accepts(annotation, float)
             and not _accepts(annotation, str)):
         return float(value)
+    if isinstance(value, str) and _takes_list(annotation) and not _accepts(annotation, str):
+        return [value]
     return value
 
 
@@ -217,7 +253,13 @@ def _type_hint(value, annotation) -> str:
 
 
 def load_recipe(path: str, dataclass_types) -> dict:
-    """Read a YAML recipe and check every key and value type against the stage's dataclasses."""
+    """Read a YAML recipe and check every key and value type against the stage's dataclasses; TRL's names come back
+    as ours."""
+    return _read_recipe(path, dataclass_types)[0]
+
+
+def _read_recipe(path: str, dataclass_types) -> tuple[dict, set[str]]:
+    """The recipe with our key names, and the TRL names it used."""
     import yaml
 
     recipe_path = Path(path)
@@ -231,51 +273,74 @@ def load_recipe(path: str, dataclass_types) -> dict:
         recipe = {}
     if not isinstance(recipe, dict):
         raise ConfigError(f"recipe {path}: expected a mapping of key: value, got {type(recipe).__name__}")
+    env = recipe.pop("env", {})
+    if not isinstance(env, dict):
+        raise ConfigError(f"recipe {path}: 'env' must be a mapping of VARIABLE: value")
+    from rlhf.trl_names import NO_OP_KEYS, aliases_for, canonical, did_you_mean
+
     known = _field_types(dataclass_types)
+    aliases = aliases_for(known)
     for key, value in list(recipe.items()):
-        if key == "env":
-            if not isinstance(value, dict):
-                raise ConfigError(f"recipe {path}: 'env' must be a mapping of VARIABLE: value")
+        if key in NO_OP_KEYS:
             continue
-        if key not in known:
-            close = difflib.get_close_matches(key, list(known), n=3)
-            hint = f" Did you mean {', '.join(repr(name) for name in close)}?" if close else ""
+        if aliases.get(key, key) not in known:
+            hint = did_you_mean(key, [*known, *aliases, *NO_OP_KEYS], show=repr)
+            hint = f" {hint[:1].upper()}{hint[1:]}{'' if hint.endswith('?') else '.'}" if hint else ""
             raise ConfigError(f"recipe {path}: unknown key '{key}'.{hint} Run with --help to list the keys.")
-        annotation, _ = known[key]
+        annotation, _ = known[aliases.get(key, key)]
         value = recipe[key] = _recipe_value(value, annotation)
         if not _matches_type(value, annotation):
             raise ConfigError(f"recipe {path}: key '{key}' expects {_describe(annotation)}, got "
                               f"{type(value).__name__} {value!r}{_type_hint(value, annotation)}")
-    return recipe
+    pairs, used = canonical(recipe.items(), aliases, f"recipe {path}: ", show=repr)
+    return {**dict(pairs), **({"env": env} if env else {})}, used
+
+
+def _raise_config_error(message: str):
+    """argparse's own errors (a bad choice, a value that is not a number) as one line instead of its usage text."""
+    raise ConfigError(message)
 
 
 def parse_args(dataclass_types, argv: list[str] | None = None, prog: str | None = None, description: str | None = None):
     """Fill `dataclass_types` from `--config recipe.yaml` and command-line overrides; returns one instance each."""
     from trl import TrlParser
 
+    from rlhf.trl_names import aliases_for, canonical_flags
+
     args = list(sys.argv[1:] if argv is None else argv)
+    args = [part for arg in args for part in (arg.split("=", 1) if arg.startswith("--config=") else [arg])]
     # A field declared by several dataclasses (trust_remote_code is in ModelArgs and every TRL config) becomes one
-    # flag whose value fills them all.
-    parser = TrlParser(dataclass_types, prog=prog, description=description, conflict_handler="resolve")
+    # flag whose value fills them all. No abbreviations: a typo'd flag must fail, not set the flag it prefixes.
+    parser = TrlParser(dataclass_types, prog=prog, description=description, conflict_handler="resolve",
+                       allow_abbrev=False)
+    parser.error = _raise_config_error
     parser.add_argument("--config", default=None, help="YAML recipe; command-line flags override its values.")
-    for action in parser._actions:  # help texts are plain prose: a literal '%' must not be read as a format
-        if action.help and "%" in action.help and "%(" not in action.help:
+    aliases = aliases_for(_field_types(dataclass_types))
+    for action in parser._actions:
+        if action.help and "%" in action.help and "%(" not in action.help:  # plain prose: '%' is not a format
             action.help = action.help.replace("%", "%%")
+        also = [f"--{alias}" for alias, target in aliases.items() if action.option_strings[:1] == [f"--{target}"]]
+        if also:
+            action.help = f"{action.help or ''} (also: {', '.join(also)}, as TRL names it)".strip()
+    trl_names = set()
     if "--config" in args:
         index = args.index("--config")
         if index + 1 >= len(args):
             raise ConfigError("--config needs a recipe path")
         recipe_path = args[index + 1]
         del args[index : index + 2]
-        recipe = load_recipe(recipe_path, dataclass_types)
+        recipe, trl_names = _read_recipe(recipe_path, dataclass_types)
         for name, value in recipe.pop("env", {}).items():
             os.environ[name] = str(value)
         parser.set_defaults_with_config(**recipe)
+    args, flag_trl_names = canonical_flags(args, parser, aliases)
     namespace = vars(parser.parse_args(args))
     optional = {name for name, (annotation, _) in _field_types(dataclass_types).items() if _accepts(annotation, type(None))}
     for name in optional & set(namespace):  # `--reward_model null` on the command line unsets it, as in a recipe
         if namespace[name] in ("null", "None"):
             namespace[name] = None
+    if any(_is_training_arguments_type(dataclass_type) for dataclass_type in dataclass_types):
+        _check_training_precision(namespace)
     instances = []
     for dataclass_type in dataclass_types:
         names = {item.name for item in dataclasses.fields(dataclass_type) if item.init}
@@ -285,7 +350,24 @@ def parse_args(dataclass_types, argv: list[str] | None = None, prog: str | None 
         if _is_training_arguments(instance):
             check_training_ranges(instance)
         _move_hub_token(instance)
+    if "dataset_name" in trl_names | flag_trl_names:
+        _evaluate_like_trl(instances)
     return tuple(instances)
+
+
+def _evaluate_like_trl(instances) -> None:
+    """TRL's scripts evaluate on dataset_name's dataset_test_split whenever eval_strategy is not "no"; a recipe that
+    names its data the TRL way and no eval_data gets the same (our stages evaluate on eval_data, read with
+    eval_split)."""
+    data_args = next((item for item in instances if isinstance(item, DataArgs)), None)
+    training_args = next((item for item in instances if _is_training_arguments(item)), None)
+    if data_args is None or training_args is None or data_args.eval_data or training_args.eval_strategy == "no":
+        return
+    if os.path.isfile(data_args.train_data or ""):
+        raise ConfigError(f"eval_strategy is {training_args.eval_strategy.value!r} but dataset_name "
+                          f"{data_args.train_data} is one file, with no {data_args.eval_split!r} split to evaluate "
+                          "on: set eval_data (or eval_strategy: no)")
+    data_args.eval_data = data_args.train_data
 
 
 def _build(dataclass_type, values: dict, prog: str | None):
@@ -302,6 +384,12 @@ def _is_training_arguments(instance) -> bool:
     from transformers import TrainingArguments
 
     return isinstance(instance, TrainingArguments)
+
+
+def _is_training_arguments_type(dataclass_type) -> bool:
+    from transformers import TrainingArguments
+
+    return isinstance(dataclass_type, type) and issubclass(dataclass_type, TrainingArguments)
 
 
 def _move_hub_token(instance) -> None:

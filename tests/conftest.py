@@ -16,9 +16,10 @@ TINY_DATA = REPO / "data" / "tiny"
 
 @pytest.fixture(autouse=True, scope="session")
 def _offline_and_in_repo():
-    # Recipes name repo-relative paths (data/tiny-base); nothing may reach a model hub.
+    # Recipes name repo-relative paths (data/tiny-base); nothing may reach a model hub, nor wandb's servers.
     os.environ["HF_HUB_OFFLINE"] = "1"
     os.environ["HF_DATASETS_OFFLINE"] = "1"
+    os.environ["WANDB_MODE"] = "offline"
     previous = os.getcwd()
     os.chdir(REPO)
     yield

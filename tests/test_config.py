@@ -1,13 +1,15 @@
-"""Recipe + command-line parsing: precedence, unknown keys, wrong types, and every shipped recipe parses."""
+"""Recipe + command-line parsing: precedence, unknown keys, wrong types, TRL's key names, precision without a GPU,
+and every shipped recipe parses."""
 
 import importlib
+import json
 import re
 from pathlib import Path
 
 import pytest
 import torch
 
-from rlhf.config import ConfigError, DataArgs, ModelArgs, check_training_ranges, parse_args
+from rlhf.config import ConfigError, DataArgs, ModelArgs, check_precision, check_training_ranges, parse_args
 from rlhf.manifest import config_hash
 
 REPO = Path(__file__).resolve().parents[1]
@@ -193,3 +195,259 @@ def test_parse_args_turns_a_trl_value_error_into_a_config_error(tmp_path):
                                           r"\(from SFTConfig's checks of the settings\)$") as caught:
         parse_args(sft_types(), flags, prog="rlhf sft")
     assert caught.value.__cause__ is None and caught.value.__suppress_context__  # one message, not a chained traceback
+
+
+# --------------------------------------------------------------------------- TRL's names
+
+
+def ppo_types():
+    from rlhf.ppo.trainer import ARG_TYPES
+
+    return ARG_TYPES
+
+
+def test_trl_names_in_a_recipe_fill_our_keys(tmp_path):
+    recipe = write(tmp_path, "dataset_name: org/data\ndataset_train_split: tr\ndataset_test_split: te\n"
+                             "use_peft: false\ntorch_dtype: bfloat16\nlora_target_modules: all-linear\n"
+                             "model_revision: main\n")
+    model_args, data_args = parse_args((ModelArgs, DataArgs), ["--config", recipe])
+    assert (data_args.train_data, data_args.train_split, data_args.eval_split) == ("org/data", "tr", "te")
+    assert model_args.use_lora is False and model_args.dtype == "bfloat16"
+    assert model_args.lora_target_modules == ["all-linear"]  # TRL recipes write one module as a plain string
+
+
+def test_trl_names_on_the_command_line_fill_our_keys():
+    model_args, data_args = parse_args((ModelArgs, DataArgs), [
+        "--dataset_name", "org/data", "--dataset_train_split=tr", "--no_use_peft", "--torch_dtype", "float16",
+        "--lora_target_modules", "q_proj", "v_proj", "--model_revision", "main"])
+    assert (data_args.train_data, data_args.train_split) == ("org/data", "tr")
+    assert model_args.use_lora is False and model_args.dtype == "float16"
+    assert model_args.lora_target_modules == ["q_proj", "v_proj"]
+
+
+def test_ppo_takes_trl_training_names():
+    *_, args = parse_args(ppo_types(), ["--max_steps", "3", "--num_ppo_epochs", "2", "--lr_scheduler_type", "cosine",
+                                        "--response_length", "20", "--reward_model_path", "runs/r"])
+    assert (args.steps, args.ppo_epochs, args.lr_scheduler, args.max_new_tokens) == (3, 2, "cosine", 20)
+    assert args.reward_model == "runs/r"
+    # SFTConfig has a max_steps of its own: there it stays TRL's key.
+    _, _, training_args, _ = parse_args(sft_types(), ["--output_dir", "out", *CPU_SAFE, "--max_steps", "3"])
+    assert training_args.max_steps == 3
+
+
+def test_eval_commands_take_trl_data_names():
+    from rlhf.evaluate.policy import ARG_TYPES as POLICY
+    from rlhf.evaluate.rm import ARG_TYPES as RM
+
+    (rm_args,) = parse_args(RM, ["--dataset_name", "pairs.jsonl", "--dataset_test_split", "val", "--torch_dtype",
+                                 "bfloat16"])
+    assert (rm_args.data, rm_args.split, rm_args.dtype) == ("pairs.jsonl", "val", "bfloat16")
+    (policy_args,) = parse_args(POLICY, ["--dataset_name", "prompts.jsonl", "--max_completion_length", "12"])
+    assert (policy_args.prompts, policy_args.max_new_tokens) == ("prompts.jsonl", 12)
+
+
+@pytest.mark.parametrize(("recipe", "flags", "pattern"), [
+    ("use_peft: false\nuse_lora: true\n", [],
+     r"^recipe .*: 'use_peft' and 'use_lora' are the same setting \(use_lora\) with different values "
+     r"\(False and True\): give one of them$"),
+    ("", ["--dataset_name", "a.jsonl", "--train_data", "b.jsonl"],
+     r"^--dataset_name and --train_data are the same setting \(train_data\) with different values "
+     r"\('a.jsonl' and 'b.jsonl'\): give one of them$"),
+    ("", ["--max_steps", "3", "--steps", "4"], r"^--max_steps and --steps are the same setting \(steps\)"),
+    ("model_revision: v2.0\n", [], r"^recipe .*: 'model_revision': only 'main' is supported, got 'v2.0'"),
+])
+def test_a_trl_name_and_ours_with_different_values_are_refused(tmp_path, recipe, flags, pattern):
+    config = ["--config", write(tmp_path, recipe)] if recipe else []
+    with pytest.raises(ConfigError, match=pattern):
+        parse_args(ppo_types(), config + flags)
+
+
+def test_a_trl_name_and_ours_agreeing_are_one_setting(tmp_path):
+    recipe = write(tmp_path, "use_peft: false\nuse_lora: false\n")
+    model_args, _ = parse_args((ModelArgs, DataArgs), ["--config", recipe, "--torch_dtype", "float16",
+                                                       "--dtype=float16"])
+    assert model_args.use_lora is False and model_args.dtype == "float16"
+    # The command line still overrides the recipe, whichever name each uses.
+    model_args, _ = parse_args((ModelArgs, DataArgs), ["--config", recipe, "--use_lora", "true"])
+    assert model_args.use_lora is True
+
+
+@pytest.mark.parametrize(("flags", "message"), [
+    (["--learning_rat", "1e-3"], "unknown option --learning_rat; did you mean --learning_rate? (--help lists the "
+                                 "options)"),
+    (["--dataset_nam", "a"], "unknown option --dataset_nam; did you mean --dataset_name?"),
+    (["--lora_r", "abc"], "argument --lora_r/--lora-r: invalid int value: 'abc'"),
+    (["--dtype", "float8"], "argument --dtype: invalid choice: 'float8'"),
+])
+def test_a_bad_flag_is_one_line(flags, message):
+    with pytest.raises(ConfigError) as caught:
+        parse_args(sft_types(), ["--output_dir", "out", *CPU_SAFE, *flags])
+    assert str(caught.value).startswith(message) and "\n" not in str(caught.value)
+
+
+def test_a_flag_is_never_read_as_an_abbreviation():
+    # argparse would otherwise take --lora_dr for --lora_dropout.
+    with pytest.raises(ConfigError, match=r"^unknown option --lora_dr; did you mean --lora_r\?"):
+        parse_args((ModelArgs,), ["--lora_dr", "0.1"])
+
+
+def test_unknown_recipe_key_suggests_trl_names_too(tmp_path):
+    with pytest.raises(ConfigError, match=r"unknown key 'use_pefts'\. Did you mean 'use_peft'\? Run with --help"):
+        parse_args((ModelArgs,), ["--config", write(tmp_path, "use_pefts: true\n")])
+
+
+def test_ppo_says_what_replaces_a_trl_batch_key(tmp_path):
+    with pytest.raises(ConfigError, match=r"unknown key 'per_device_train_batch_size'\. PPO sizes batches in "
+                                          r"rollouts: set rollout_batch_size .*\. Run with --help"):
+        parse_args(ppo_types(), ["--config", write(tmp_path, "per_device_train_batch_size: 8\n")])
+    with pytest.raises(ConfigError, match=r"^unknown option --num_train_epochs; PPO runs a number of iterations"):
+        parse_args(ppo_types(), ["--num_train_epochs", "2"])
+
+
+def test_help_names_trl_aliases(capsys):
+    with pytest.raises(SystemExit) as caught:
+        parse_args(ppo_types(), ["--help"], prog="rlhf ppo")
+    assert caught.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert "(also: --dataset_name, as TRL names it)" in text
+    assert "(also: --max_steps, as TRL names it)" in text
+    assert "(also: --response_length, --max_completion_length, as TRL names it)" in text
+
+
+def test_dataset_name_evaluates_on_its_test_split_like_trl(tmp_path):
+    def data_args(*flags):
+        return parse_args(sft_types(), ["--output_dir", str(tmp_path), *CPU_SAFE, *flags])[1]
+
+    folder = tmp_path / "data"
+    folder.mkdir()
+    assert data_args("--dataset_name", str(folder), "--eval_strategy", "steps").eval_data == str(folder)
+    assert data_args("--dataset_name", str(folder)).eval_data is None  # eval_strategy no: no evaluation
+    assert data_args("--train_data", str(folder), "--eval_strategy", "steps").eval_data is None  # our names: as set
+    one_file = tmp_path / "one.jsonl"
+    one_file.write_text("{}\n")
+    with pytest.raises(ConfigError, match=r"^eval_strategy is 'steps' but dataset_name .*one\.jsonl is one file, "
+                                          r"with no 'test' split to evaluate on: set eval_data"):
+        data_args("--dataset_name", str(one_file), "--eval_strategy", "steps")
+
+
+# --------------------------------------------------------------------------- precision without a GPU
+
+
+no_gpu = pytest.mark.skipif(torch.cuda.is_available() or torch.backends.mps.is_available(),
+                            reason="checks the refusal on a machine without a GPU")
+
+
+@no_gpu
+def test_check_precision_refuses_half_precision_without_a_gpu():
+    with pytest.raises(ConfigError, match=r"^ppo sets bf16: true but this machine has no GPU that runs bf16: set "
+                                          r"bf16: false \(--bf16 false\) or run on a GPU$"):
+        check_precision(True, False, "ppo")
+    with pytest.raises(ConfigError, match=r"^ppo sets fp16: true but this machine has no GPU"):
+        check_precision(False, True, "ppo")
+    check_precision(False, False, "ppo")
+
+
+def test_check_precision_refuses_bf16_and_fp16_together():
+    with pytest.raises(ConfigError, match=r"^ppo sets both bf16 and fp16: set at most one$"):
+        check_precision(True, True, "ppo")
+
+
+@no_gpu
+def test_bf16_recipe_is_refused_before_the_training_arguments(tmp_path):
+    with pytest.raises(ConfigError, match=r"^the config sets bf16: true but this machine has no GPU"):
+        parse_args(sft_types(), ["--output_dir", str(tmp_path), "--bf16", "true"])
+    # use_cpu runs bf16 on the CPU, as transformers allows.
+    _, _, training_args, _ = parse_args(sft_types(), ["--output_dir", str(tmp_path), "--bf16", "true", "--use_cpu"])
+    assert training_args.bf16
+
+
+def run_rlhf(*argv):
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-m", "rlhf.cli", *argv], cwd=REPO, capture_output=True, text=True,
+                          timeout=300)
+
+
+def test_cli_typo_is_one_line_with_a_suggestion():
+    result = run_rlhf("sft", "--config", "recipes/tiny/sft.yaml", "--learning_rat", "1e-3")
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [
+        "rlhf sft: error: unknown option --learning_rat; did you mean --learning_rate? (--help lists the options)"]
+
+
+@no_gpu
+def test_cli_flags_only_run_on_cpu_is_one_line(tmp_path):
+    # No bf16 given: TRL's configs turn it on, which this machine cannot run.
+    result = run_rlhf("sft", "--model_name_or_path", "data/tiny-base", "--dataset_name", "data/tiny/sft_train.jsonl",
+                      "--output_dir", str(tmp_path / "out"))
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [
+        "rlhf sft: error: TRL's default (bf16 unset) sets bf16: true but this machine has no GPU that runs bf16: set "
+        "bf16: false (--bf16 false) or run on a GPU"]
+    assert not (tmp_path / "out").exists()
+
+
+# --------------------------------------------------------------------------- an alignment-handbook recipe
+
+
+HANDBOOK_SFT = """\
+# Model arguments
+model_name_or_path: data/tiny-base
+model_revision: main
+torch_dtype: float32
+use_peft: true
+lora_r: 8
+lora_alpha: 16
+lora_dropout: 0.05
+lora_target_modules: all-linear
+
+# Data training arguments
+dataset_name: {data}
+dataset_train_split: train
+dataset_test_split: test
+
+# SFT trainer config
+bf16: false
+eval_strategy: steps
+eval_steps: 2
+per_device_eval_batch_size: 64
+learning_rate: 1.0e-03
+lr_scheduler_type: cosine
+max_steps: 2
+max_length: 256
+per_device_train_batch_size: 8
+logging_steps: 1
+output_dir: {output_dir}
+report_to:
+- none
+seed: 42
+"""
+
+
+def test_alignment_handbook_style_recipe_runs(tmp_path):
+    from rlhf.cli import main
+
+    # A dataset folder as the hub lays one out: train.jsonl and test.jsonl.
+    folder = tmp_path / "data"
+    folder.mkdir()
+    for split, source in (("train", "sft_train.jsonl"), ("test", "sft_test.jsonl")):
+        lines = (REPO / "data" / "tiny" / source).read_text().splitlines()[:32]
+        (folder / f"{split}.jsonl").write_text("\n".join(lines) + "\n")
+    output_dir = tmp_path / "sft"
+    recipe = write(tmp_path, HANDBOOK_SFT.format(data=folder, output_dir=output_dir))
+    assert main(["sft", "--config", recipe]) == 0
+    manifest = json.loads((output_dir / "manifest.json").read_text())
+    data, model = manifest["config"]["data"], manifest["config"]["model"]
+    assert (data["train_data"], data["train_split"]) == (str(folder), "train")
+    assert (data["eval_data"], data["eval_split"]) == (str(folder), "test")  # TRL's eval: the test split
+    assert (model["use_lora"], model["lora_r"], model["lora_alpha"]) == (True, 8, 16)
+    assert manifest["config"]["training"]["max_steps"] == 2
+    assert "eval_loss" in manifest["metrics"]
+    adapter = json.loads((output_dir / "adapter" / "adapter_config.json").read_text())
+    assert (adapter["r"], adapter["lora_alpha"]) == (8, 16)
+
+
+def test_config_given_with_equals_is_read(tmp_path):
+    model_args, _ = parse_args((ModelArgs, DataArgs), [f"--config={write(tmp_path, 'lora_r: 4')}"])
+    assert model_args.lora_r == 4
