@@ -82,6 +82,11 @@ def _looks_like_path(source: str) -> bool:
 def _read_folder(folder: str, split: str, config: str | None) -> Located:
     if any(os.path.isfile(os.path.join(folder, name)) for name in SAVED_DATASET_FILES):
         return _read_saved(folder, split)
+    # A file named exactly after the split wins: datasets' own rules would gather every file whose name merely
+    # contains it (sft_train.jsonl, prefs_train.jsonl, ... all into "train").
+    for extension in SUPPORTED_EXTENSIONS:
+        if os.path.isfile(exact := os.path.join(folder, split + extension)):
+            return _read_file(exact, split)
     import datasets  # imported lazily: heavy, and only folders and hub names need it
 
     try:  # datasets' own rules for which files hold which split; nothing is read or cached yet

@@ -252,3 +252,13 @@ def test_hub_name_passes_config_and_split_to_load_dataset(monkeypatch):
     with pytest.raises(DataError, match=r"^org/prefs: not a local file or directory, and could not load it as a hub "
                                         r"dataset \(config 'x', split 'train'\): Config name is missing"):
         load_preferences("org/prefs", config="x")
+
+
+def test_file_named_after_the_split_wins_over_names_that_contain_it(tmp_path):
+    # datasets' rules would put sft_train.jsonl and prefs_train.jsonl together into "train".
+    (tmp_path / "sft_train.jsonl").write_text('{"messages": [{"role": "user", "content": "a"}]}\n')
+    (tmp_path / "prefs_train.jsonl").write_text('{"prompt": "p", "chosen": "c", "rejected": "r"}\n' * 3)
+    (tmp_path / "train.jsonl").write_text('{"prompt": "q"}\n' * 2)
+    assert len(read_records(str(tmp_path), "sft_train")) == 1
+    assert len(read_records(str(tmp_path), "prefs_train")) == 3
+    assert [record["prompt"] for record in read_records(str(tmp_path), "train")] == ["q", "q"]
