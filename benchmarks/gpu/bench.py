@@ -28,6 +28,7 @@ import math
 import os
 import re
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -127,8 +128,8 @@ class Run:
             return run_measured(["timeout", "-k", "10", str(cap), *map(str, command)], self.work / "logs" / f"{name}.log",
                                 env=env)
         except RuntimeError as error:
-            if "(exit 124)" in str(error) or "(exit 137)" in str(error):
-                raise RuntimeError(f"{name}: over its {cap} s cap") from None
+            if "(exit 124)" in str(error) or "(exit 137)" in str(error):  # timeout's own codes; 137 is also the OOM killer
+                raise RuntimeError(f"{name}: stopped at its {cap} s cap or killed; {error}") from None
             raise
 
 
@@ -193,7 +194,9 @@ def run_matmul(run: Run) -> dict:
     out = run.work / "matmul.json"
     run.command("matmul", run.cap("matmul"), [sys.executable, __file__, "--matmul", out,
                                               "--sizes", *run.settings["matmul_sizes"]])
-    return json.loads(out.read_text())
+    figures = json.loads(out.read_text())
+    run.result["device"] = figures.pop("device")
+    return figures
 
 
 def build_models(run: Run) -> dict:
@@ -354,7 +357,6 @@ def benchmark(run: Run) -> None:
         built = background.submit(build_models, run)  # CPU only
         data = background.submit(prepare_data, run)
         run.part(("matmul",), run_matmul, run)
-        run.result["device"] = run.result.get("matmul", {}).pop("device", None)
         tags = list(run.settings["models"])
         first = tags[0]
         models = {}
@@ -373,10 +375,9 @@ def benchmark(run: Run) -> None:
         run.part(("grpo",), needs(have_parents, run_grpo), run, sft, reward)
         run.part(("tiny_pipeline_bf16",), run_tiny_ppo, run, tiny)
         for tag in tags[1:]:
-            if models:
-                for stage in ("sft", "reward", "dpo"):
-                    run.part(("training", tag, stage), run_training, run, tag, stage, models[tag])
-            shutil.rmtree(run.work / f"base_{tag}", ignore_errors=True)
+            for stage in ("sft", "reward", "dpo") if models else ():
+                run.part(("training", tag, stage), run_training, run, tag, stage, models[tag])
+                shutil.rmtree(run.work / f"{stage}_{tag}", ignore_errors=True)  # GBs, and nothing starts from them
 
 
 def needs(ready: bool, measure):
@@ -412,6 +413,7 @@ def main() -> None:
     card = "smoke" if args.smoke else re.sub(r"[^a-z0-9]+", "_", card_name().lower()).strip("_")
     out = args.out or (Path(os.environ["OUT"]) if os.environ.get("OUT") else RESULTS) / f"gpu_{card}.json"
     work = Path(tempfile.mkdtemp(prefix="bench_gpu_"))
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # run.sh's hard stop: still pack the logs
     run = Run(SMOKE if args.smoke else FULL, args.budget, out, work, args.smoke)
     print(f"[bench] versions {json.dumps(run.result['versions'])}; writing {out}", flush=True)
     try:
