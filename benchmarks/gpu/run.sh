@@ -10,7 +10,9 @@ set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 PYTHON="${PYTHON:-python3}"
-SITE="${BENCH_SITE:-/tmp/site}"
+# "site-packages" in the path: dill (datasets' fingerprints) pickles a module by reference only when its file is under
+# sys.prefix or a site-packages folder, and by value otherwise, which fails on pyarrow's types.
+SITE="${BENCH_SITE:-/tmp/bench/site-packages}"
 BUDGET="${BENCH_BUDGET:-440}"
 for arg in "$@"; do
     if [ "$arg" = "--smoke" ]; then BUDGET="${BENCH_BUDGET:-900}"; fi
