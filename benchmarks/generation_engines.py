@@ -23,6 +23,7 @@ are measured here (bandwidth: a large tensor reduction; compute: benchmarks/flop
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import sys
 import tempfile
@@ -31,26 +32,38 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import REPO, build_model, print_table, write_result  # noqa: E402
-from flops import matmul_flops  # noqa: E402
 from ppo_vs_trl026 import MODEL_30M  # noqa: E402
 
 PROMPTS = REPO / "data" / "tiny" / "prompts_train.jsonl"
 ENGINES = ("dynamic", "dynamic_plain", "dynamic_bf16", "static", "static_compiled", "paged")
 
 
-def memory_bandwidth(gib: float = 1.0, repeats: int = 5) -> float:
+def memory_bandwidth(device, gib: float = 1.0, repeats: int = 5) -> float:
     """Bytes/s of reading a large fp32 tensor once (a sum), best of a few: the rate decoding reads weights at."""
     import torch
 
-    data = torch.ones(int(gib * 2**30 / 4))
+    data = torch.ones(int(gib * 2**30 / 4), device=device)
     data.sum()
-    best = min(_timed(lambda: data.sum()) for _ in range(repeats))
+    best = min(_timed(lambda: data.sum(), device) for _ in range(repeats))
     return data.numel() * 4 / best
 
 
-def _timed(function) -> float:
+def matmul_rate(device, dtype, size: int = 4096, repeats: int = 5) -> float:
+    """Best FLOP/s of a square matmul in the model's dtype on its device."""
+    import torch
+
+    left, right = torch.randn(size, size, device=device, dtype=dtype), torch.randn(size, size, device=device, dtype=dtype)
+    left @ right
+    return 2 * size**3 / min(_timed(lambda: left @ right, device) for _ in range(repeats))
+
+
+def _timed(function, device=None) -> float:
+    import torch
+
     started = time.perf_counter()
     function()
+    if device is not None and device.type == "cuda":
+        torch.cuda.synchronize()
     return time.perf_counter() - started
 
 
@@ -111,6 +124,9 @@ def main() -> None:
     parser.add_argument("--new_tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--engines", nargs="+", choices=ENGINES, default=list(ENGINES))
+    parser.add_argument("--base", type=Path, help="An existing model folder instead of --size (the GPU script's).")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], help="Default: float32 on CPU, bfloat16 on GPU.")
+    parser.add_argument("--out", type=Path, help="JSON path (default: benchmarks/results/generation_engines_<size>.json).")
     args = parser.parse_args()
 
     import torch
@@ -120,13 +136,15 @@ def main() -> None:
     from rlhf.generation import encode_prompts
     from rlhf.models import load_tokenizer
 
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
     with tempfile.TemporaryDirectory(prefix="bench_generation_") as tmp:
-        base = REPO / "data" / "tiny-base"
-        if args.size == "30m":
+        base = args.base or REPO / "data" / "tiny-base"
+        if args.size == "30m" and not args.base:
             base = Path(tmp) / "base_30m"
             build_model(base, **MODEL_30M)
         tokenizer = load_tokenizer(str(base), padding_side="left")
-        model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).eval()
+        model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype).to(device).eval()
     params = sum(parameter.numel() for parameter in model.parameters())
     prompts = [record["prompt"] for record in load_prompts(str(PROMPTS))][: args.batch]
     prompt_ids = encode_prompts(tokenizer, prompts)
@@ -139,9 +157,9 @@ def main() -> None:
             results[engine] = {"error": f"{type(error).__name__}: {str(error).splitlines()[0][:200]}"}
         print(f"[bench] {engine}: {results[engine]}", flush=True)
 
-    bandwidth = memory_bandwidth()
-    flops = matmul_flops(sizes=(1024, 2048), repeats=3)["peak"]
-    weight_bytes = params * 4
+    bandwidth = memory_bandwidth(device)
+    flops = matmul_rate(device, dtype, size=2048 if device.type == "cpu" else 8192)
+    weight_bytes = params * dtype.itemsize
     roofline = {"params": params, "memory_bandwidth_gb_s": bandwidth / 1e9, "matmul_gflops": flops / 1e9,
                 "bandwidth_tokens_per_s": args.batch * bandwidth / weight_bytes,
                 "compute_tokens_per_s": flops / (2 * params)}
@@ -156,13 +174,18 @@ def main() -> None:
         rows.append([engine, result["tokens_per_s"], result["first_call_s"],
                      result["tokens_per_s"] / roofline["tokens_per_s"],
                      baseline / result["tokens_per_s"] if baseline else "", ""])
-    print(f"\nGeneration engines: {params / 1e6:.1f}M params, batch {args.batch} x {args.new_tokens} new tokens, "
+    print(f"\nGeneration engines on {device.type} in {str(dtype).removeprefix('torch.')}: {params / 1e6:.1f}M params, batch {args.batch} x {args.new_tokens} new tokens, "
           f"torch threads {torch.get_num_threads()}; roofline {roofline['tokens_per_s']:.0f} tokens/s "
           f"(bandwidth {roofline['memory_bandwidth_gb_s']:.1f} GB/s -> {roofline['bandwidth_tokens_per_s']:.0f}, "
           f"compute {roofline['matmul_gflops']:.0f} GFLOP/s -> {roofline['compute_tokens_per_s']:.0f})")
     print_table(["engine", "tokens/s", "first call s", "of roofline", "time vs dynamic", "note"], rows)
-    path = write_result(f"generation_engines_{args.size}", {
-        "settings": vars(args), "engines": results, "roofline": roofline})
+    result = {"settings": {**vars(args), "out": str(args.out), "base": str(base), "device": device.type, "dtype": str(dtype)},
+              "engines": results, "roofline": roofline}
+    if args.out:
+        args.out.write_text(json.dumps(result, indent=2) + "\n")
+        path = args.out
+    else:
+        path = write_result(f"generation_engines_{args.size}", result)
     print(f"written {path}")
 
 

@@ -58,7 +58,10 @@ FULL = {
     "grpo": {"max_steps": 4, "per_device_train_batch_size": 64, "num_generations": 8, "max_completion_length": 128},
     "tiny": [],  # the tiny recipes as they are
     "caps": {"matmul": 90, "build": 300, "stage_360m": 100, "stage_1.5b": 150, "ppo": 150, "grpo": 150,
-             "tiny_cpu": 360, "tiny_ppo": 240},
+             "tiny_cpu": 360, "tiny_ppo": 240, "generation": 120},
+    # benchmarks/generation_engines.py on the 360M model: which engine the GPU default should be
+    "generation": ["--batch", "32", "--new_tokens", "64", "--repeats", "2",
+                   "--engines", "dynamic", "dynamic_bf16", "static", "paged"],
 }
 SMOKE = {
     "models": {"tiny": None},
@@ -66,7 +69,9 @@ SMOKE = {
     "ppo": {"steps": 2, "rollout_batch_size": 8, "mini_batch_size": 4, "ppo_epochs": 1, "max_new_tokens": 16},
     "grpo": {"max_steps": 2, "per_device_train_batch_size": 8, "num_generations": 4, "max_completion_length": 16},
     "tiny": ["--max_steps", "2", "--gold_eval_samples", "8", "--stats_samples", "16"],
-    "caps": {name: 300 for name in ("matmul", "build", "stage_tiny", "ppo", "grpo", "tiny_cpu", "tiny_ppo")},
+    "caps": {name: 300 for name in ("matmul", "build", "stage_tiny", "ppo", "grpo", "tiny_cpu", "tiny_ppo",
+                                    "generation")},
+    "generation": ["--batch", "4", "--new_tokens", "8", "--repeats", "1", "--engines", "dynamic", "static"],
 }
 NOT_IN_CONFIG = ("architectures", "model_type", "bos_token_id", "eos_token_id", "pad_token_id", "transformers_version")
 
@@ -269,6 +274,15 @@ def run_ppo(run: Run, critic: str, sft: Path, reward: Path) -> dict:
             **measured}
 
 
+def run_generation(run: Run, base: Path) -> dict:
+    """Tokens/s of each generation engine against the card's decode roofline (benchmarks/generation_engines.py)."""
+    out = run.work / "generation_engines.json"
+    run.command("generation", run.cap("generation"), [
+        sys.executable, REPO / "benchmarks" / "generation_engines.py", "--base", base, "--out", out,
+        *run.settings["generation"]])
+    return json.loads(out.read_text())
+
+
 def run_grpo(run: Run, sft: Path, reward: Path) -> dict:
     settings = run.settings["grpo"]
     out, profile = run.work / "grpo", run.work / "grpo.profile.json"
@@ -378,6 +392,8 @@ def benchmark(run: Run) -> None:
         for critic in ("separate", "shared"):
             run.part(("ppo", f"{critic}_critic"), needs(have_parents, run_ppo), run, critic, sft, reward)
         run.part(("grpo",), needs(have_parents, run_grpo), run, sft, reward)
+        if models:
+            run.part(("generation_engines",), run_generation, run, models[first]["path"])
         run.part(("tiny_pipeline_bf16",), run_tiny_ppo, run, tiny)
         for tag in tags[1:]:
             for stage in ("sft", "reward", "dpo") if models else ():

@@ -74,7 +74,7 @@ def test_smoke_run_fills_every_section_with_positive_figures(tmp_path):
                 "reward": result["training"]["tiny"]["reward"], "dpo": result["training"]["tiny"]["dpo"],
                 "ppo separate critic": result["ppo"]["separate_critic"],
                 "ppo shared critic": result["ppo"]["shared_critic"], "grpo": result["grpo"],
-                "tiny pipeline": result["tiny_pipeline_bf16"]}
+                "tiny pipeline": result["tiny_pipeline_bf16"], "generation engines": result["generation_engines"]}
     for name, figures in sections.items():
         assert "skipped" not in figures, f"{name}: {figures['skipped']}"
         for key, value in numbers(figures):
@@ -86,5 +86,8 @@ def test_smoke_run_fills_every_section_with_positive_figures(tmp_path):
         assert sum(sections[name]["split"].values()) == pytest.approx(sections[name]["seconds_per_step"], rel=0.1)
         assert {"tokens_per_second", "peak_memory_mib"} <= sections[name].keys()
     assert {"sft_gold", "ppo_gold", "rises"} <= sections["tiny pipeline"].keys()
+    engines = sections["generation engines"]["engines"]
+    assert set(engines) == {"dynamic", "static"} and all("tokens_per_s" in figures for figures in engines.values())
+    assert sections["generation engines"]["roofline"]["tokens_per_s"] > 0
     assert "skipped" in result["ppo_trl_0_26_2"]
     assert int(result["versions"]["transformers"].split(".")[0]) >= 5
