@@ -60,9 +60,9 @@ class PPOArgs(RewardArgs, StageOutputArgs):
                   "mixed_precision is bf16."})
     fp16: bool = field(
         default=False,
-        metadata={"help": "fp16 mixed precision: fp16 autocast with a gradient scaler, fp32 trainable weights. GPU "
-                  "only (the scaler needs one); not with fsdp. Prefer bf16 where the GPU has it. Also on when the "
-                  "accelerate config's mixed_precision is fp16."})
+        metadata={"help": "fp16 mixed precision: fp16 autocast with a gradient scaler (a step whose gradients "
+                  "overflow is skipped), fp32 trainable weights. GPU only; not with fsdp. Prefer bf16 where the GPU "
+                  "has it. Also on when the accelerate config's mixed_precision is fp16."})
     gradient_checkpointing: bool = field(
         default=False,
         metadata={"help": "Recompute each transformer block's activations in the backward of the update instead of "
@@ -202,8 +202,8 @@ class PPOArgs(RewardArgs, StageOutputArgs):
             raise ConfigError(f"ppo: mixed_precision {mixed_precision!r} (from the accelerate config): PPO runs no, "
                               "bf16 or fp16")
         if mixed_precision == "fp16" and device_type == "cpu":
-            raise ConfigError("ppo: fp16 needs a GPU (its gradient scaler does not run on the CPU); use bf16, which "
-                              "PPO also runs on the CPU, or neither")
+            raise ConfigError("ppo: fp16 is for GPUs (fp16 autocast on the CPU is slow and overflows easily); use "
+                              "bf16, which PPO also runs on the CPU, or neither")
         if mixed_precision == "fp16" and sharded:
             raise ConfigError("ppo: fp16 with fsdp is not supported (the gradient scaler would see only this "
                               "process's shards); use bf16")

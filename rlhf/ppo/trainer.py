@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -203,7 +204,7 @@ def reward_sources(args: PPOArgs, prompt_records: list[dict]):
 # ----------------------------------------------------------------------------------------------- checkpoints
 
 def save_checkpoint(models, optimizer, distributed: Distributed, step: int, kl_coef: float,
-                    checkpoint_root: Path) -> dict[str, torch.Tensor]:
+                    checkpoint_root: Path, scaler=None) -> dict[str, torch.Tensor]:
     """checkpoints/step-N: the trainable parameters and the optimizer state whole, by name (so a run may resume on
     another number of processes, sharded or not). Every process takes part in gathering them; the main process
     writes them into a temp folder and renames it: a killed run never leaves half a checkpoint. Returns the
@@ -221,7 +222,8 @@ def save_checkpoint(models, optimizer, distributed: Distributed, step: int, kl_c
     temporary.mkdir(parents=True)
     save_file(trainable, str(temporary / "trainable.safetensors"))
     torch.save(optimizer_state, temporary / "optimizer.pt")
-    (temporary / "state.json").write_text(json.dumps({"step": step, "kl_coef": kl_coef}))
+    (temporary / "state.json").write_text(json.dumps({"step": step, "kl_coef": kl_coef,
+                                                      **({"grad_scaler": scaler.state_dict()} if scaler else {})}))
     shutil.rmtree(final, ignore_errors=True)
     temporary.rename(final)
     return trainable
@@ -316,12 +318,13 @@ def main(argv: list[str] | None = None):
 
     report_to = trackers(args.report_to)
     start_processes(args.ddp_timeout)
-    # bf16/fp16 as TRL: the flag, else the accelerate config's mixed_precision.
-    accelerator = Accelerator(log_with=report_to or None, project_dir=str(logs_folder(args.output_dir, args.logging_dir)),
-                              mixed_precision="bf16" if args.bf16 else "fp16" if args.fp16 else None)
+    accelerator = Accelerator(log_with=report_to or None, project_dir=str(logs_folder(args.output_dir, args.logging_dir)))
     distributed = Distributed(accelerator, sharded=args.fsdp or accelerator.distributed_type == DistributedType.FSDP,
                               gather_for_generation=args.gather_for_generation)
-    args.resolve_precision(accelerator.mixed_precision, accelerator.device.type, distributed.sharded, model_args.dtype)
+    # As transformers' TrainingArguments: the flags, else the accelerate config's mixed_precision. PPO autocasts its
+    # models itself (layouts.py), so the process-wide AcceleratorState is left as it is.
+    precision = "bf16" if args.bf16 else "fp16" if args.fp16 else os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
+    args.resolve_precision(precision, accelerator.device.type, distributed.sharded, model_args.dtype)
     output_dir = Path(args.output_dir)
 
     # Data and rewards: prompts validated, length-checked and tokenised, every reward checked, before any model loads.
@@ -362,7 +365,7 @@ def main(argv: list[str] | None = None):
     torch.manual_seed(args.seed)
     models = build_models(args.layout, policy_parent, reward_manifest, model_args, args.value_init, args.critic)
     models.to(accelerator.device).eval()  # eval: dropout off, so rollout and update log-probs agree
-    models.use_mixed_precision({"bf16": torch.bfloat16, "fp16": torch.float16}.get(accelerator.mixed_precision))
+    models.use_mixed_precision(torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else None)
     if args.gradient_checkpointing:
         models.enable_gradient_checkpointing()
     distributed.prepare(models, models.policy_parameters() + models.value_parameters())
@@ -373,6 +376,7 @@ def main(argv: list[str] | None = None):
     scheduler = get_scheduler("constant_with_warmup" if args.lr_scheduler == "constant" else args.lr_scheduler,
                               optimizer, num_warmup_steps=args.warmup_steps, num_training_steps=args.steps)
     kl_control = ppo_math.kl_controller(args.kl_coef, args.target_kl, args.kl_horizon)
+    scaler = torch.amp.GradScaler(accelerator.device.type) if args.fp16 else None
 
     # Resume
     checkpoint_root = output_dir / "checkpoints"
@@ -383,6 +387,8 @@ def main(argv: list[str] | None = None):
     if last is not None:
         state = load_checkpoint(models, optimizer, distributed, last)
         start_step, kl_control.value = state["step"], state["kl_coef"]
+        if scaler and "grad_scaler" in state:
+            scaler.load_state_dict(state["grad_scaler"])
         for _ in range(start_step):
             scheduler.step()
         accelerator.print(f"[rlhf] ppo: resuming from {last} (step {start_step})")
@@ -414,7 +420,7 @@ def main(argv: list[str] | None = None):
         finish_advantages(rollout, args, distributed.masked_stats)
         started = time.perf_counter()
         generator = torch.Generator().manual_seed(args.seed + step)
-        update_stats = update(models, optimizer, rollout, args, distributed, generator, accelerator.scaler)
+        update_stats = update(models, optimizer, rollout, args, distributed, generator, scaler)
         learning_rate = scheduler.get_last_lr()[0]  # the rate this step's updates used
         scheduler.step()
         gold_scores = ([gold(data.prompt_text(prompts[i]), text) for i, text in zip(rows, rollout.texts)]
@@ -443,14 +449,15 @@ def main(argv: list[str] | None = None):
         if curve and curve.due(step + 1):
             curve.record(models, tokenizer, step + 1)
         if args.save_steps and (step + 1) % args.save_steps == 0 and step + 1 < args.steps:
-            save_checkpoint(models, optimizer, distributed, step + 1, kl_control.value, checkpoint_root)
+            save_checkpoint(models, optimizer, distributed, step + 1, kl_control.value, checkpoint_root, scaler)
             if accelerator.is_main_process:
                 rotate_checkpoints(checkpoint_root, args.save_total_limit)
         accelerator.wait_for_everyone()
 
     # Save: the policy adapter (plain LoRA folder), the value adapter + head for further training, then the manifest.
     accelerator.wait_for_everyone()
-    trainable_state = save_checkpoint(models, optimizer, distributed, args.steps, kl_control.value, checkpoint_root)
+    trainable_state = save_checkpoint(models, optimizer, distributed, args.steps, kl_control.value, checkpoint_root,
+                                      scaler)
     if not accelerator.is_main_process:
         accelerator.end_training()
         return None
