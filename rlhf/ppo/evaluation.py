@@ -55,14 +55,18 @@ class HeldOutPrompts:
         accelerator = distributed.accelerator
         rows, weights = self.share(accelerator.process_index, distributed.world)
         device = accelerator.device
-        devices = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
+        # Fork the GPU's generator too (the one sampling draws from there), not only the CPU's.
+        devices = []
+        if device.type == "cuda":
+            devices = [torch.cuda.current_device() if device.index is None else device.index]
         names = ["eval/score"] + (["eval/score_raw"] if models.has_reward_model else []) + [
             "eval/kl", "eval/length", "eval/eos_rate"]
         totals = torch.zeros(len(names) + 1, dtype=torch.float64)
         with torch.random.fork_rng(devices=devices):
             torch.manual_seed(args.seed * 100_003 + EVAL_SEED_OFFSET + accelerator.process_index)
             for start in range(0, len(rows), args.rollout_batch_size):
-                chunk, weight = rows[start : start + args.rollout_batch_size], weights[start : start + args.rollout_batch_size]
+                end = start + args.rollout_batch_size
+                chunk, weight = rows[start:end], weights[start:end]
                 rollout = collect(models, tokenizer, reward_tokenizer, [self.prompts[i] for i in chunk],
                                   [self.prompt_ids[i] for i in chunk], args, 0.0, reward_stats, distributed.gathered,
                                   distributed.synced_generation, reward_functions=reward_functions,
