@@ -66,7 +66,8 @@ CASES = [
     (PPO + ["--mini_batch_size", "4", "--gradient_accumulation_steps", "3"],
      "mini_batch_size (4) must be a multiple of gradient_accumulation_steps (3)"),
     (PPO + ["--temperature", "0"], "temperature: expected a number > 0, got 0.0"),
-    (PPO + ["--eval_data", "data/tiny/prompts_test.jsonl"], "eval_data is not used by PPO"),
+    (PPO + ["--eval_steps", "2"], "eval_steps 2 evaluates on eval_data, which is not set"),
+    (PPO + ["--fp16", "true"], "fp16 is for GPUs"),
     (["tune", "--config", "x.yaml"], None),  # unknown command: usage, exit 2
 ]
 

@@ -50,6 +50,24 @@ class PPOArgs(RewardArgs, StageOutputArgs):
                   "for every decoded token, so memory stays at the shard size, at the cost of much slower sampling "
                   "(TRL's ds3_gather_for_generation)."},
     )
+    # Precision and memory
+    bf16: bool = field(
+        default=False,
+        metadata={"help": "bf16 mixed precision (accelerate's mixed_precision bf16): every forward runs under bf16 "
+                  "autocast while the trainable LoRA weights and value head, their gradients and AdamW stay fp32. "
+                  "ModelArgs dtype (bfloat16) is the separate switch that loads the frozen weights in bf16. Works "
+                  "on CPU too (slowly: useful to test a recipe). Also on when the accelerate config's "
+                  "mixed_precision is bf16."})
+    fp16: bool = field(
+        default=False,
+        metadata={"help": "fp16 mixed precision: fp16 autocast with a gradient scaler (a step whose gradients "
+                  "overflow is skipped), fp32 trainable weights. GPU only; not with fsdp. Prefer bf16 where the GPU "
+                  "has it. Also on when the accelerate config's mixed_precision is fp16."})
+    gradient_checkpointing: bool = field(
+        default=False,
+        metadata={"help": "Recompute each transformer block's activations in the backward of the update instead of "
+                  "keeping them (use_reentrant false): less memory, about a third more update compute. Rollouts "
+                  "and sampling are unaffected (no gradients: the KV cache stays on)."})
     # Schedule
     steps: int = field(default=40, metadata={"help": "PPO iterations (each: one rollout, then ppo_epochs of updates)."})
     rollout_batch_size: int = field(default=32, metadata={"help": "Prompts per process per iteration."})
@@ -72,12 +90,13 @@ class PPOArgs(RewardArgs, StageOutputArgs):
     max_new_tokens: int = field(default=48, metadata={"help": "Longest response sampled."})
     temperature: float = field(default=1.0, metadata={"help": "Sampling temperature (also used for log-probs)."})
     top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling threshold."})
-    logprobs_from_generation: bool = field(
-        default=True,
+    logprobs_from_generation: bool | None = field(
+        default=None,
         metadata={"help": "Take the rollout log-probs (and, with critic: shared, the values) from the logits and hidden "
                   "states that sampling computed, instead of a second forward pass of the policy. The two agree to "
                   "float rounding in fp32; in bf16 the KV-cached decode and a full forward differ more, and a "
-                  "recomputed forward (false) keeps the first update exactly on-policy."},
+                  "recomputed forward (false) keeps the first update exactly on-policy. null (default): true in "
+                  "fp32, false with bf16/fp16 or 16-bit weights (dtype)."},
     )
     # Rewards
     reward_weights: list[float] | None = field(
@@ -111,6 +130,13 @@ class PPOArgs(RewardArgs, StageOutputArgs):
     save_total_limit: int | None = field(
         default=None, metadata={"help": "Keep only the newest N checkpoints in <output_dir>/checkpoints (null = all)."})
     logging_steps: int = field(default=1, metadata={"help": "Log every N iterations."})
+    eval_steps: int = field(
+        default=0,
+        metadata={"help": "With eval_data: every N iterations, and after the last, sample one response per held-out "
+                  "prompt (max_eval_samples of them) with the rollout's sampling settings and log eval/score (the "
+                  "reward model's score, or the weighted sum with reward_funcs, as score/combined), eval/kl (sequence "
+                  "KL to the reference, as kl/sequence), eval/length and eval/eos_rate at that step. 0 = only after "
+                  "the last. Under its own random state: training is the same with or without it."})
     save_merged: bool = field(default=True, metadata={"help": "Also write <output_dir>/merged."})
     seed: int = field(default=42, metadata={"help": "Seed for prompt order, sampling and initialisation."})
     ddp_timeout: int = field(default=1800, metadata={"help": "Seconds a process waits for the others in a collective "
@@ -134,7 +160,9 @@ class PPOArgs(RewardArgs, StageOutputArgs):
                               f"{self.save_total_limit!r}")
         if self.warmup_steps >= self.steps:
             raise ConfigError(f"ppo: warmup_steps ({self.warmup_steps}) must be below steps ({self.steps})")
-        for name in ("save_steps", "logging_steps", "warmup_steps"):
+        if self.bf16 and self.fp16:
+            raise ConfigError("ppo: bf16 and fp16 are both on; pick one")
+        for name in ("save_steps", "logging_steps", "warmup_steps", "eval_steps"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"ppo: {name}: expected an integer >= 0 (0 = off), got {getattr(self, name)!r}")
         bounds = {"learning_rate": (0, None, "a number >= 0"), "weight_decay": (0, None, "a number >= 0"),
@@ -165,3 +193,20 @@ class PPOArgs(RewardArgs, StageOutputArgs):
             raise ConfigError(f"ppo: reward_weights: expected a list of numbers, got {self.reward_weights!r}")
         if self.critic == "shared" and self.layout != "shared":
             raise ConfigError("ppo: critic: shared puts the value head on the shared policy; use layout: shared")
+
+    def resolve_precision(self, mixed_precision: str, device_type: str, sharded: bool, weights_dtype: str) -> None:
+        """Once the accelerator is up: record the precision that runs (the flags, else the accelerate config's),
+        refuse fp16 where it cannot run, and take the rollout log-probs from sampling only in fp32 (where they match
+        a forward to float rounding), unless logprobs_from_generation says otherwise."""
+        if mixed_precision not in ("no", "bf16", "fp16"):
+            raise ConfigError(f"ppo: mixed_precision {mixed_precision!r} (from the accelerate config): PPO runs no, "
+                              "bf16 or fp16")
+        if mixed_precision == "fp16" and device_type == "cpu":
+            raise ConfigError("ppo: fp16 is for GPUs (fp16 autocast on the CPU is slow and overflows easily); use "
+                              "bf16, which PPO also runs on the CPU, or neither")
+        if mixed_precision == "fp16" and sharded:
+            raise ConfigError("ppo: fp16 with fsdp is not supported (the gradient scaler would see only this "
+                              "process's shards); use bf16")
+        self.bf16, self.fp16 = mixed_precision == "bf16", mixed_precision == "fp16"
+        if self.logprobs_from_generation is None:
+            self.logprobs_from_generation = mixed_precision == "no" and weights_dtype == "float32"

@@ -15,6 +15,7 @@ Both expose the same methods; the trainer never knows which one it has.
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -44,9 +45,16 @@ def last_hidden(body, input_ids, attention_mask, position_ids) -> torch.Tensor:
     return body(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False).last_hidden_state
 
 
-def head_from_weights(weights: dict | None, hidden_size: int, dtype) -> nn.Linear:
+class Head(nn.Linear):
+    """A one-output linear head that reads hidden states of any dtype: the value head trains in fp32 on a bf16 base."""
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return super().forward(hidden.to(self.weight.dtype))
+
+
+def head_from_weights(weights: dict | None, hidden_size: int, dtype) -> Head:
     """A one-output linear head, from saved classifier weights or zero-initialised (a value of 0 everywhere)."""
-    head = nn.Linear(hidden_size, 1, bias=False, dtype=dtype)
+    head = Head(hidden_size, 1, bias=False, dtype=dtype)
     with torch.no_grad():
         if weights:
             (weight,) = [tensor for key, tensor in weights.items() if key.endswith("weight")]
@@ -73,10 +81,50 @@ class Roles(nn.Module):
     values = _role("values")
     policy_logits_and_values = _role("policy_logits_and_values")
     scores = _role("scores")
+    autocast_dtype: torch.dtype | None = None  # mixed precision (use_mixed_precision); None: the weights' own dtype
 
     def forward(self, role: str | None, *args, **kwargs):
         # role None runs nothing: a first forward through the root sets FSDP up before generation runs the blocks
-        return getattr(self, "_" + role)(*args, **kwargs) if role else None
+        if not role:
+            return None
+        with self.autocast():
+            return getattr(self, "_" + role)(*args, **kwargs)
+
+    def use_mixed_precision(self, dtype: torch.dtype | None) -> None:
+        """Run every role and generation under autocast to `dtype` (bf16/fp16); the trainable weights keep theirs."""
+        self.autocast_dtype = dtype
+
+    def autocast(self):
+        if self.autocast_dtype is None:
+            return nullcontext()
+        return torch.autocast(next(self.parameters()).device.type, dtype=self.autocast_dtype)
+
+    def enable_gradient_checkpointing(self) -> None:
+        """Checkpoint every transformer block of the trained models (transformers' own checkpointing, non-reentrant,
+        so the frozen inputs need no requires_grad hook). transformers checkpoints a block only in training mode with
+        gradients on; the roles stay in eval mode (dropout off), so only the blocks themselves are flagged as
+        training, again after every train()/eval() (generate() and the gold curve call eval()). Rollouts and
+        generation run without gradients: no recompute, and the KV cache stays on."""
+        from transformers.modeling_layers import GradientCheckpointingLayer
+
+        blocks = []
+        for model in self.trained_models():
+            enable = getattr(model, "activation_checkpointing_enable", None)  # the name in recent transformers 5
+            if enable is not None:
+                enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            else:
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            blocks += [module for module in model.modules() if isinstance(module, GradientCheckpointingLayer)]
+        self._checkpointed_blocks = blocks
+        self.train(self.training)
+
+    _checkpointed_blocks: list[nn.Module] = []  # a plain list: not registered as submodules
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        for block in self._checkpointed_blocks:
+            block.training = True  # the block only: its children (dropout, attention) keep `mode`
+        return self
 
 
 class SharedBaseModels(Roles):
@@ -112,15 +160,16 @@ class SharedBaseModels(Roles):
                     "value_init: reward copies the reward model's adapter and head, but this reward model was trained "
                     "in full (no adapter on the policy's base). Use value_init: policy, or layout: separate."
                 )
+        # The value head trains, so it is fp32 (as peft keeps the adapters) whatever the base's dtype.
         if self.shared_critic:  # the value head reads the policy's own hidden states: no value adapter
-            self.value_head = head_from_weights(None, hidden_size, dtype)
+            self.value_head = head_from_weights(None, hidden_size, torch.float32)
         elif value_init == "reward":
             self.model.add_adapter(VALUE, reward_config)
             set_peft_model_state_dict(self.model, reward_lora, adapter_name=VALUE)
-            self.value_head = head_from_weights(reward_head, hidden_size, dtype)
+            self.value_head = head_from_weights(reward_head, hidden_size, torch.float32)
         else:
             self.model.add_adapter(VALUE, lora_config(model_args))
-            self.value_head = head_from_weights(None, hidden_size, dtype)
+            self.value_head = head_from_weights(None, hidden_size, torch.float32)
         self._active = None
         self._use(POLICY)
 
@@ -188,11 +237,14 @@ class SharedBaseModels(Roles):
         last = (columns * attention_mask.long()).argmax(1)
         return self.reward_head(hidden[torch.arange(len(last)), last]).squeeze(-1).float()
 
+    def trained_models(self):
+        return [self.model.get_base_model()]
+
     @torch.no_grad()
     def generate(self, **kwargs):
         self._use(POLICY)
         try:
-            with lora_merged(self.model, POLICY):
+            with lora_merged(self.model, POLICY), self.autocast():
                 return self.model.generate(**kwargs)
         finally:
             self._active = None  # lora_merged disables the adapters around generation; see reference_logits
@@ -223,9 +275,9 @@ class SeparateModels(Roles):
             check_value_init(value_init, "separate", None)
         self.reward_model = reward_model.requires_grad_(False).eval() if reward_model is not None else None
         self.value_model = get_peft_model(value_body, lora_config(model_args))
-        hidden_size, dtype = policy_base.config.hidden_size, policy_base.dtype
         score = reward_model.score.weight.detach().clone() if value_init == "reward" else None
-        self.value_head = head_from_weights({"weight": score} if score is not None else None, hidden_size, dtype)
+        self.value_head = head_from_weights({"weight": score} if score is not None else None,
+                                            policy_base.config.hidden_size, torch.float32)
 
     @property
     def reward_placement(self) -> str:
@@ -254,9 +306,12 @@ class SeparateModels(Roles):
     def _scores(self, input_ids, attention_mask):
         return self.reward_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits[:, 0].float()
 
+    def trained_models(self):
+        return [self.policy.get_base_model(), self.value_model.get_base_model()]
+
     @torch.no_grad()
     def generate(self, **kwargs):
-        with lora_merged(self.policy, "default"):
+        with lora_merged(self.policy, "default"), self.autocast():
             return self.policy.generate(**kwargs)
 
     def get_output_embeddings(self):

@@ -130,7 +130,7 @@ def collect(models, tokenizer, reward_tokenizer, prompts: list[list[dict]], prom
     missing-EOS penalty apply to it."""
     device = next(models.parameters()).device
     start = time.perf_counter()
-    from_generation = args.logprobs_from_generation
+    from_generation = args.logprobs_from_generation is not False  # None: not resolved (PPOArgs.resolve_precision)
     with gathered(models):
         sample = generate(models, tokenizer, prompt_ids, max_new_tokens=args.max_new_tokens,
                           temperature=args.temperature, top_p=args.top_p, return_logprobs=from_generation,

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -48,12 +49,18 @@ def prompt_batches(n_prompts: int, per_process: int, world: int, rank: int, seed
     return indices
 
 
-def update(models, optimizer, rollout: Rollout, args: PPOArgs, distributed: Distributed, generator) -> dict:
+def update(models, optimizer, rollout: Rollout, args: PPOArgs, distributed: Distributed, generator,
+           scaler=None) -> dict:
     """ppo_epochs passes of clipped policy + value updates over the rollout, in mini-batches of mini_batch_size rows
     per process. Each loss is the token-mean over the whole global mini-batch: a micro-batch's token sum is divided
     by the mini-batch's token count over every process, and the processes' gradients are summed. So the update is
-    the same whether one process holds the batch whole or several hold parts of it, with or without accumulation."""
+    the same whether one process holds the batch whole or several hold parts of it, with or without accumulation.
+    scaler (fp16): a torch GradScaler; a step whose gradients overflow is skipped, and its norm is not logged."""
     parameters = [p for group in optimizer.param_groups for p in group["params"]]
+
+    def backward(loss):
+        (scaler.scale(loss) if scaler else loss).backward()
+
     batch_size = rollout.response_ids.shape[0]
     micro_size = args.mini_batch_size // args.gradient_accumulation_steps
     stats: dict[str, list[float]] = {}
@@ -76,15 +83,15 @@ def update(models, optimizer, rollout: Rollout, args: PPOArgs, distributed: Dist
                 if models.shared_critic:  # one forward gives both, so one backward of the summed loss
                     logprobs, logits, values = policy_logprobs_and_values(models, rollout, rows, args.temperature, grad=True)
                     (pg_loss, pg_stats), (vf_loss, vf_stats) = policy_objective(logprobs), value_objective(values)
-                    (pg_loss + args.vf_coef * vf_loss).backward()
+                    backward(pg_loss + args.vf_coef * vf_loss)
                 else:
                     # Policy and value share no trainable parameter, so backpropagating their losses one after the
                     # other gives the gradients of the summed loss with one graph's activations alive at a time.
                     logprobs, logits = policy_logprobs(models, rollout, rows, args.temperature, grad=True)
                     pg_loss, pg_stats = policy_objective(logprobs)
-                    pg_loss.backward()
+                    backward(pg_loss)
                     vf_loss, vf_stats = value_objective(value_predictions(models, rollout, rows, grad=True))
-                    (args.vf_coef * vf_loss).backward()
+                    backward(args.vf_coef * vf_loss)
                 with torch.no_grad():
                     entropy = ppo_math.masked_mean(ppo_math.entropy_from_logits(logits), mask).item()
                 # Logged as this micro-batch's own token-means, comparable whatever the split.
@@ -93,8 +100,16 @@ def update(models, optimizer, rollout: Rollout, args: PPOArgs, distributed: Dist
                                    "loss/value": vf_loss.item() * share, "policy/entropy": entropy}.items():
                     stats.setdefault(key, []).append(value)
             distributed.sum_gradients(parameters)
-            stats.setdefault("grad_norm", []).append(distributed.clip_gradients(parameters, args.max_grad_norm))
-            optimizer.step()
+            if scaler:  # every process holds the same summed gradients, so all skip an overflowing step alike
+                scaler.unscale_(optimizer)
+            grad_norm = distributed.clip_gradients(parameters, args.max_grad_norm)
+            if math.isfinite(grad_norm):
+                stats.setdefault("grad_norm", []).append(grad_norm)
+            if scaler:
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                optimizer.step()
             optimizer.zero_grad(set_to_none=True)
     return {key: sum(values) / len(values) for key, values in stats.items()}
 
@@ -131,14 +146,15 @@ def function_means(rollout: Rollout, distributed: Distributed) -> dict:
     return means
 
 
-def fit_prompts(records: list[dict], tokenizer, max_prompt_length: int, data_args: DataArgs, say=print):
+def fit_prompts(records: list[dict], tokenizer, max_prompt_length: int, data_args: DataArgs, say=print,
+                source: str | None = None):
     """(records, prompt token ids) within max_prompt_length, by data_args.length_policy: error names the first prompt
     that is too long, drop leaves such prompts out, truncate keeps their last max_prompt_length tokens. The records
-    kept are returned whole: reward functions get their other columns."""
+    kept are returned whole: reward functions get their other columns. source: where they came from (train_data)."""
     from rlhf import data
     from rlhf.generation import encode_prompts
 
-    source, policy = data_args.train_data, data_args.length_policy
+    source, policy = source or data_args.train_data, data_args.length_policy
     if policy in ("error", "drop"):
         kept = data.check_lengths(records, tokenizer, max_prompt_length, source, "prompt", policy)
         if len(kept) < len(records):
@@ -188,7 +204,7 @@ def reward_sources(args: PPOArgs, prompt_records: list[dict]):
 # ----------------------------------------------------------------------------------------------- checkpoints
 
 def save_checkpoint(models, optimizer, distributed: Distributed, step: int, kl_coef: float,
-                    checkpoint_root: Path) -> dict[str, torch.Tensor]:
+                    checkpoint_root: Path, scaler=None) -> dict[str, torch.Tensor]:
     """checkpoints/step-N: the trainable parameters and the optimizer state whole, by name (so a run may resume on
     another number of processes, sharded or not). Every process takes part in gathering them; the main process
     writes them into a temp folder and renames it: a killed run never leaves half a checkpoint. Returns the
@@ -206,7 +222,8 @@ def save_checkpoint(models, optimizer, distributed: Distributed, step: int, kl_c
     temporary.mkdir(parents=True)
     save_file(trainable, str(temporary / "trainable.safetensors"))
     torch.save(optimizer_state, temporary / "optimizer.pt")
-    (temporary / "state.json").write_text(json.dumps({"step": step, "kl_coef": kl_coef}))
+    (temporary / "state.json").write_text(json.dumps({"step": step, "kl_coef": kl_coef,
+                                                      **({"grad_scaler": scaler.state_dict()} if scaler else {})}))
     shutil.rmtree(final, ignore_errors=True)
     temporary.rename(final)
     return trainable
@@ -283,9 +300,9 @@ def main(argv: list[str] | None = None):
                         ("init_from", model_args.init_from)]:
         if not value:
             raise ConfigError(f"ppo: '{name}' is required (set it in the recipe or pass --{name})")
-    if data_args.eval_data:
-        raise ConfigError("ppo: eval_data is not used by PPO yet; remove it (held-out prompts are scored after "
-                          "training through gold_eval_prompts, or with rlhf eval-policy)")
+    if args.eval_steps and not data_args.eval_data:
+        raise ConfigError(f"ppo: eval_steps {args.eval_steps} evaluates on eval_data, which is not set; set "
+                          "eval_data (held-out prompts) or eval_steps: 0")
 
     from accelerate import Accelerator
     from accelerate.utils import DistributedType
@@ -304,6 +321,10 @@ def main(argv: list[str] | None = None):
     accelerator = Accelerator(log_with=report_to or None, project_dir=str(logs_folder(args.output_dir, args.logging_dir)))
     distributed = Distributed(accelerator, sharded=args.fsdp or accelerator.distributed_type == DistributedType.FSDP,
                               gather_for_generation=args.gather_for_generation)
+    # As transformers' TrainingArguments: the flags, else the accelerate config's mixed_precision. PPO autocasts its
+    # models itself (layouts.py), so the process-wide AcceleratorState is left as it is.
+    precision = "bf16" if args.bf16 else "fp16" if args.fp16 else os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
+    args.resolve_precision(precision, accelerator.device.type, distributed.sharded, model_args.dtype)
     output_dir = Path(args.output_dir)
 
     # Data and rewards: prompts validated, length-checked and tokenised, every reward checked, before any model loads.
@@ -316,6 +337,15 @@ def main(argv: list[str] | None = None):
     reward_tokenizer = stage_tokenizer(reward_manifest, model_args) if reward_manifest else None
     records, prompt_ids = fit_prompts(prompt_records, tokenizer, args.max_prompt_length, data_args, accelerator.print)
     prompts, columns = [record["prompt"] for record in records], record_columns(records)
+    held_out = None
+    if data_args.eval_data:
+        from rlhf.ppo.evaluation import HeldOutPrompts
+
+        eval_records, eval_ids = fit_prompts(
+            data.load_prompts(data_args.eval_data, data_args.eval_split)[: data_args.max_eval_samples], tokenizer,
+            args.max_prompt_length, data_args, accelerator.print, source=data_args.eval_data)
+        held_out = HeldOutPrompts([record["prompt"] for record in eval_records], eval_ids, record_columns(eval_records),
+                                  args.eval_steps, args.steps)
     gold = None
     if data_args.gold_reward:
         from rlhf.evaluate.policy import load_gold_reward
@@ -335,6 +365,9 @@ def main(argv: list[str] | None = None):
     torch.manual_seed(args.seed)
     models = build_models(args.layout, policy_parent, reward_manifest, model_args, args.value_init, args.critic)
     models.to(accelerator.device).eval()  # eval: dropout off, so rollout and update log-probs agree
+    models.use_mixed_precision(torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else None)
+    if args.gradient_checkpointing:
+        models.enable_gradient_checkpointing()
     distributed.prepare(models, models.policy_parameters() + models.value_parameters())
     trainable = models.policy_parameters() + models.value_parameters()  # after prepare: the shards, when sharded
     optimizer = torch.optim.AdamW(trainable, lr=args.learning_rate, weight_decay=args.weight_decay)
@@ -343,6 +376,7 @@ def main(argv: list[str] | None = None):
     scheduler = get_scheduler("constant_with_warmup" if args.lr_scheduler == "constant" else args.lr_scheduler,
                               optimizer, num_warmup_steps=args.warmup_steps, num_training_steps=args.steps)
     kl_control = ppo_math.kl_controller(args.kl_coef, args.target_kl, args.kl_horizon)
+    scaler = torch.amp.GradScaler(accelerator.device.type) if args.fp16 else None
 
     # Resume
     checkpoint_root = output_dir / "checkpoints"
@@ -353,6 +387,8 @@ def main(argv: list[str] | None = None):
     if last is not None:
         state = load_checkpoint(models, optimizer, distributed, last)
         start_step, kl_control.value = state["step"], state["kl_coef"]
+        if scaler and "grad_scaler" in state:
+            scaler.load_state_dict(state["grad_scaler"])
         for _ in range(start_step):
             scheduler.step()
         accelerator.print(f"[rlhf] ppo: resuming from {last} (step {start_step})")
@@ -384,7 +420,7 @@ def main(argv: list[str] | None = None):
         finish_advantages(rollout, args, distributed.masked_stats)
         started = time.perf_counter()
         generator = torch.Generator().manual_seed(args.seed + step)
-        update_stats = update(models, optimizer, rollout, args, distributed, generator)
+        update_stats = update(models, optimizer, rollout, args, distributed, generator, scaler)
         learning_rate = scheduler.get_last_lr()[0]  # the rate this step's updates used
         scheduler.step()
         gold_scores = ([gold(data.prompt_text(prompts[i]), text) for i, text in zip(rows, rollout.texts)]
@@ -394,6 +430,11 @@ def main(argv: list[str] | None = None):
                    "kl_coef": kl_control.value, "lr": learning_rate,
                    **rollout.timings, "time/training": time.perf_counter() - started,
                    "time/step": time.perf_counter() - step_started, **distributed.memory_mib()}
+        if held_out and held_out.due(step + 1):
+            metrics.update(held_out.evaluate(models, tokenizer, reward_tokenizer, args, reward_stats, distributed,
+                                             reward_functions, reward_weights))
+            if curve:  # the evaluation is not training time on the gold curve either
+                curve.started += metrics["time/eval"]
         kl_control.update(metrics["kl/sequence"], args.rollout_batch_size * accelerator.num_processes)
         if not all(math.isfinite(value) for key, value in metrics.items() if key != "value/explained_variance"):
             raise StageError(f"ppo: non-finite metrics at step {step + 1} ({metrics}); last good checkpoint: "
@@ -408,14 +449,15 @@ def main(argv: list[str] | None = None):
         if curve and curve.due(step + 1):
             curve.record(models, tokenizer, step + 1)
         if args.save_steps and (step + 1) % args.save_steps == 0 and step + 1 < args.steps:
-            save_checkpoint(models, optimizer, distributed, step + 1, kl_control.value, checkpoint_root)
+            save_checkpoint(models, optimizer, distributed, step + 1, kl_control.value, checkpoint_root, scaler)
             if accelerator.is_main_process:
                 rotate_checkpoints(checkpoint_root, args.save_total_limit)
         accelerator.wait_for_everyone()
 
     # Save: the policy adapter (plain LoRA folder), the value adapter + head for further training, then the manifest.
     accelerator.wait_for_everyone()
-    trainable_state = save_checkpoint(models, optimizer, distributed, args.steps, kl_control.value, checkpoint_root)
+    trainable_state = save_checkpoint(models, optimizer, distributed, args.steps, kl_control.value, checkpoint_root,
+                                      scaler)
     if not accelerator.is_main_process:
         accelerator.end_training()
         return None

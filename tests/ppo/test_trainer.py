@@ -2,6 +2,7 @@
 
 import gc
 import json
+import math
 import os
 import subprocess
 import sys
@@ -389,3 +390,103 @@ def test_warmup_cosine_schedule_checkpoint_limit_and_tensorboard(sft_run, reward
         assert [step for step, _ in scalars[key]] == [1, 2, 3, 4], key
         assert [value for _, value in scalars[key]] == pytest.approx([row[key] for row in rows], rel=1e-5), key
     assert sorted(path.name for path in (output_dir / "checkpoints").glob("step-*")) == ["step-000003", "step-000004"]
+
+
+def test_bf16_run_is_on_policy_at_the_first_minibatch(sft_run, reward_run, tmp_path):
+    """bf16 mixed precision on the CPU: one mini-batch per iteration, so every step's ratio and approx-KL are those of
+    the first mini-batch, before any update: the rollout log-probs (recomputed by a forward under the same autocast,
+    the default in bf16) equal the update's."""
+    manifest = short_run(sft_run, reward_run, tmp_path / "bf16", "--steps", "3", "--bf16", "true",
+                         "--mini_batch_size", "8")
+    assert manifest.config["training"]["bf16"] and manifest.config["training"]["logprobs_from_generation"] is False
+    rows = metrics_lines(tmp_path / "bf16")
+    assert len(rows) == 3
+    for row in rows:
+        assert all(math.isfinite(value) for key, value in row.items() if key != "value/explained_variance"), row
+        assert row["policy/approx_kl"] < 1e-6 and row["policy/clipfrac"] == 0, row
+        assert row["policy/ratio_mean"] == pytest.approx(1, abs=1e-4)
+    assert abs(rows[0]["kl/sequence"]) < 1e-4 and rows[-1]["grad_norm"] > 0
+
+
+def test_bf16_autocasts_every_role_and_keeps_trainable_weights_fp32(sft_run, reward_run):
+    """bf16 weights (dtype) and bf16 autocast: the frozen base is bf16, the trainable LoRA weights and value head
+    fp32 (the weights AdamW updates); under autocast the roles compute in bf16."""
+    models = build_models("shared", read_manifest(sft_run.output_dir), None, ModelArgs(dtype="bfloat16"), "policy")
+    models.eval().use_mixed_precision(torch.bfloat16)
+    assert models.model.get_base_model().get_input_embeddings().weight.dtype == torch.bfloat16
+    trainable = models.policy_parameters() + models.value_parameters()
+    assert trainable and all(parameter.dtype == torch.float32 for parameter in trainable)
+    tokenizer = stage_tokenizer(read_manifest(sft_run.output_dir), ModelArgs())
+    prompt_ids, prompt_mask, response_ids, response_mask = sequence_batch(tokenizer)
+    ids, mask = torch.cat([prompt_ids, response_ids], 1), torch.cat([prompt_mask, response_mask], 1)
+    logits = models.policy_logits(ids, mask, position_ids_from_mask(mask))
+    values = models.values(ids, mask, position_ids_from_mask(mask))
+    assert logits.dtype == torch.bfloat16 and torch.isfinite(values).all()
+    (logits.float().logsumexp(-1).mean() + values.float().mean()).backward()
+    assert all(parameter.grad.dtype == torch.float32 for parameter in trainable if parameter.grad is not None)
+
+
+@pytest.mark.parametrize("flags, message", [(["--fp16", "true"], "fp16 is for GPUs"),
+                                            (["--fp16", "true", "--bf16", "true"], "bf16 and fp16 are both on")])
+def test_fp16_is_refused_where_it_cannot_run(sft_run, reward_run, tmp_path, flags, message):
+    from rlhf.config import ConfigError
+
+    with pytest.raises(ConfigError, match=message):
+        short_run(sft_run, reward_run, tmp_path / "fp16", "--steps", "1", *flags)
+    assert not (tmp_path / "fp16" / "metrics.jsonl").exists()
+
+
+def test_gradient_checkpointing_recomputes_the_update_only(sft_run, reward_run, tmp_path):
+    """The update's blocks run twice (forward, then again in the backward) and give the same loss and gradients;
+    sampling keeps the KV cache (one new position per decoded token), also after generate() switched to eval()."""
+    from rlhf.generation import generate
+
+    for flag in ("false", "true"):
+        short_run(sft_run, reward_run, tmp_path / flag, "--steps", "1", "--gradient_checkpointing", flag)
+    plain, checkpointed = metrics_lines(tmp_path / "false")[0], metrics_lines(tmp_path / "true")[0]
+    for key in ("loss/policy", "loss/value", "grad_norm", "policy/entropy", "score/raw"):
+        assert checkpointed[key] == pytest.approx(plain[key], abs=1e-5), key
+
+    models = build_models("shared", read_manifest(sft_run.output_dir), None, ModelArgs(), "policy").eval()
+    models.enable_gradient_checkpointing()
+    tokenizer = stage_tokenizer(read_manifest(sft_run.output_dir), ModelArgs())
+    widths = []
+    mlp = models.model.get_base_model().model.layers[0].mlp  # inside the checkpointed block: runs on every recompute
+    mlp.register_forward_pre_hook(lambda module, inputs: widths.append(inputs[0].shape[1]))
+    prompt_ids, prompt_mask, response_ids, response_mask = sequence_batch(tokenizer, n=2)
+    sample = generate(models, tokenizer, [row[mask.bool()].tolist() for row, mask in zip(prompt_ids, prompt_mask)],
+                      max_new_tokens=8, do_sample=False)
+    assert len(widths) == sample.response_ids.shape[1] and set(widths[1:]) == {1}  # prefill, then cached steps
+    widths.clear()
+    ids, mask = torch.cat([prompt_ids, response_ids], 1), torch.cat([prompt_mask, response_mask], 1)
+    models.policy_logits(ids, mask, position_ids_from_mask(mask)).float().mean().backward()
+    assert widths == [ids.shape[1]] * 2
+
+
+def test_fp16_update_skips_a_step_whose_gradients_overflow(sft_run, reward_run, tmp_path):
+    """The gradient scaler path of the update (run here on the CPU's scaler; the stage takes fp16 on GPUs only): a
+    scale that overflows fp16 gradients skips the step, logs no grad_norm and halves the scale; a small one steps."""
+    from accelerate import Accelerator
+
+    from rlhf.ppo.config import PPOArgs
+    from rlhf.ppo.distributed import Distributed
+    from rlhf.ppo.rollout import Rollout
+    from rlhf.ppo.trainer import update
+
+    rollout = Rollout(**torch.load(saved_rollout(sft_run, reward_run, tmp_path / "rollout.pt"), weights_only=False))
+    args = PPOArgs(output_dir="unused", reward_model=reward_run.output_dir, rollout_batch_size=8, mini_batch_size=8,
+                   ppo_epochs=1)
+    for init_scale, steps in ((2.0 ** 40, False), (1.0, True)):
+        torch.manual_seed(0)
+        models = build_models("shared", read_manifest(sft_run.output_dir), read_manifest(reward_run.output_dir),
+                              ModelArgs(), "policy").eval()
+        models.use_mixed_precision(torch.float16)
+        trainable = models.policy_parameters() + models.value_parameters()
+        start = [parameter.detach().clone() for parameter in trainable]
+        scaler = torch.amp.GradScaler("cpu", init_scale=init_scale)
+        stats = update(models, torch.optim.AdamW(trainable, lr=1e-3), rollout, args, Distributed(Accelerator()),
+                       torch.Generator().manual_seed(0), scaler)
+        moved = any(not torch.equal(before, parameter) for before, parameter in zip(start, trainable))
+        assert moved == steps and ("grad_norm" in stats) == steps, init_scale
+        assert scaler.get_scale() == (init_scale if steps else init_scale / 2)
+        assert math.isfinite(stats["loss/policy"]) and math.isfinite(stats["loss/value"])
