@@ -342,8 +342,8 @@ def main(argv: list[str] | None = None):
         from rlhf.ppo.evaluation import HeldOutPrompts
 
         eval_records, eval_ids = fit_prompts(
-            data.load_prompts(data_args.eval_data, data_args.eval_split)[: data_args.max_eval_samples], tokenizer,
-            args.max_prompt_length, data_args, accelerator.print, source=data_args.eval_data)
+            data.load_eval(data_args, "prompt"), tokenizer, args.max_prompt_length, data_args, accelerator.print,
+            source=data_args.eval_data)
         held_out = HeldOutPrompts([record["prompt"] for record in eval_records], eval_ids, record_columns(eval_records),
                                   args.eval_steps, args.steps)
     gold = None
