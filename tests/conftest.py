@@ -93,6 +93,22 @@ def lora_reward_run(sft_run, tmp_path_factory):
                         "--eval_data", "", "--save_merged", "false"])
 
 
+def short_ppo_run(sft_run, reward_run, output_dir, *extra):
+    """A few small PPO steps from the session's SFT and reward stages (8 rollouts, 24 new tokens, no gold report)."""
+    from rlhf.ppo import trainer
+
+    return trainer.main(["--config", "recipes/tiny/ppo.yaml", "--init_from", sft_run.output_dir,
+                         "--reward_model", reward_run.output_dir, "--output_dir", str(output_dir),
+                         "--rollout_batch_size", "8", "--mini_batch_size", "4", "--ppo_epochs", "1",
+                         "--max_new_tokens", "24", "--gold_eval_prompts", "", "--save_merged", "false", *extra])
+
+
+def metrics_rows(output_dir: Path) -> list[dict]:
+    import json
+
+    return [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
+
+
 def tensorboard_scalars(folder: Path) -> dict[str, list[tuple[int, float]]]:
     """The scalars of every TensorBoard event file under folder, {tag: [(step, value), ...]}. Event files are
     TFRecords (length, its CRC, the event, its CRC); tensorboardX brings the Event protobuf."""

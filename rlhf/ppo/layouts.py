@@ -15,7 +15,7 @@ Both expose the same methods; the trainer never knows which one it has.
 
 from __future__ import annotations
 
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import torch
@@ -93,6 +93,16 @@ class Roles(nn.Module):
     def use_mixed_precision(self, dtype: torch.dtype | None) -> None:
         """Run every role and generation under autocast to `dtype` (bf16/fp16); the trainable weights keep theirs."""
         self.autocast_dtype = dtype
+
+    @torch.no_grad()
+    def generate(self, **kwargs):
+        with self.sampling() as policy:
+            return policy.generate(**kwargs)
+
+    @torch.no_grad()
+    def generate_batch(self, *args, **kwargs):  # the paged generation engine
+        with self.sampling() as policy:
+            return policy.generate_batch(*args, **kwargs)
 
     def autocast(self):
         if self.autocast_dtype is None:
@@ -240,12 +250,13 @@ class SharedBaseModels(Roles):
     def trained_models(self):
         return [self.model.get_base_model()]
 
-    @torch.no_grad()
-    def generate(self, **kwargs):
+    @contextmanager
+    def sampling(self):
+        """The policy as sampling uses it (its LoRA merged); generate and generate_batch run inside."""
         self._use(POLICY)
         try:
             with lora_merged(self.model, POLICY), self.autocast():
-                return self.model.generate(**kwargs)
+                yield self.model
         finally:
             self._active = None  # lora_merged disables the adapters around generation; see reference_logits
 
@@ -309,10 +320,10 @@ class SeparateModels(Roles):
     def trained_models(self):
         return [self.policy.get_base_model(), self.value_model.get_base_model()]
 
-    @torch.no_grad()
-    def generate(self, **kwargs):
+    @contextmanager
+    def sampling(self):
         with lora_merged(self.policy, "default"), self.autocast():
-            return self.policy.generate(**kwargs)
+            yield self.policy
 
     def get_output_embeddings(self):
         return self.policy.get_base_model().get_output_embeddings()

@@ -135,7 +135,8 @@ def collect(models, tokenizer, reward_tokenizer, prompts: list[list[dict]], prom
         sample = generate(models, tokenizer, prompt_ids, max_new_tokens=args.max_new_tokens,
                           temperature=args.temperature, top_p=args.top_p, return_logprobs=from_generation,
                           step_head=models.value_head if from_generation and models.shared_critic else None,
-                          synced_gpus=synced_generation)
+                          synced_gpus=synced_generation, engine=args.generation_engine,
+                          sampling_dtype=getattr(torch, args.sampling_dtype) if args.sampling_dtype else None)
     generated = time.perf_counter()
 
     rollout = Rollout(

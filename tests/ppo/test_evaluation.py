@@ -9,30 +9,17 @@ import sys
 import pytest
 import torch
 
-from conftest import REPO, TINY_DATA
+from conftest import metrics_rows, short_ppo_run, REPO, TINY_DATA
 from rlhf.ppo.evaluation import HeldOutPrompts
 
 EVAL_KEYS = ("eval/score", "eval/score_raw", "eval/kl", "eval/length", "eval/eos_rate")
 
 
-def run(sft_run, reward_run, output_dir, *extra):
-    from rlhf.ppo import trainer
-
-    return trainer.main(["--config", "recipes/tiny/ppo.yaml", "--init_from", sft_run.output_dir,
-                         "--reward_model", reward_run.output_dir, "--output_dir", str(output_dir),
-                         "--rollout_batch_size", "8", "--mini_batch_size", "4", "--ppo_epochs", "1",
-                         "--max_new_tokens", "24", "--gold_eval_prompts", "", "--save_merged", "false", *extra])
-
-
-def metrics_lines(output_dir):
-    return [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
-
-
 def test_evaluation_every_eval_steps_leaves_training_unchanged(sft_run, reward_run, tmp_path):
-    run(sft_run, reward_run, tmp_path / "plain", "--steps", "4")
-    run(sft_run, reward_run, tmp_path / "eval", "--steps", "4", "--eval_data", str(TINY_DATA / "prompts_test.jsonl"),
-        "--max_eval_samples", "12", "--eval_steps", "2")
-    plain, evaluated = metrics_lines(tmp_path / "plain"), metrics_lines(tmp_path / "eval")
+    short_ppo_run(sft_run, reward_run, tmp_path / "plain", "--steps", "4")
+    short_ppo_run(sft_run, reward_run, tmp_path / "eval", "--steps", "4",
+                  "--eval_data", str(TINY_DATA / "prompts_test.jsonl"), "--max_eval_samples", "12", "--eval_steps", "2")
+    plain, evaluated = metrics_rows(tmp_path / "plain"), metrics_rows(tmp_path / "eval")
     assert [sorted(key for key in row if key.startswith("eval/")) for row in evaluated] == [
         [], sorted(EVAL_KEYS), [], sorted(EVAL_KEYS)]
     for row in evaluated[1::2]:
@@ -50,7 +37,7 @@ def test_eval_steps_without_eval_data_is_refused(sft_run, reward_run, tmp_path):
     from rlhf.config import ConfigError
 
     with pytest.raises(ConfigError, match="eval_steps 2 evaluates on eval_data, which is not set"):
-        run(sft_run, reward_run, tmp_path / "bad", "--steps", "2", "--eval_steps", "2")
+        short_ppo_run(sft_run, reward_run, tmp_path / "bad", "--steps", "2", "--eval_steps", "2")
 
 
 def test_every_process_gets_as_many_prompts_and_each_prompt_counts_once():
@@ -77,7 +64,7 @@ def test_two_processes_evaluate_reward_functions_on_their_shares(sft_run, tmp_pa
     result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600,
                             env={**os.environ, "ACCELERATE_USE_CPU": "1"})
     assert result.returncode == 0, result.stderr[-3000:]
-    rows = metrics_lines(tmp_path / "ppo")
+    rows = metrics_rows(tmp_path / "ppo")
     for row in rows:
         assert "eval/score_raw" not in row and 0 <= row["eval/score"] <= 1
         assert abs(row["eval/kl"]) < 1e-4 and 0 < row["eval/length"] <= 24

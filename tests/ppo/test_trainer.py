@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from conftest import REPO, TINY_DATA
+from conftest import metrics_rows, short_ppo_run, REPO, TINY_DATA
 from rlhf.config import ModelArgs
 from rlhf.data import load_preferences
 from rlhf.generation import pad_batch, position_ids_from_mask, response_logprobs, token_logprobs
@@ -106,32 +106,19 @@ def test_reward_functions_alone_load_no_reward_model(sft_run, layout, copies):
         build_models(layout, sft_run, None, ModelArgs(), value_init="reward")
 
 
-def short_run(sft_run, reward_run, output_dir, *extra):
-    from rlhf.ppo import trainer
-
-    return trainer.main(["--config", "recipes/tiny/ppo.yaml", "--init_from", sft_run.output_dir,
-                         "--reward_model", reward_run.output_dir, "--output_dir", str(output_dir),
-                         "--rollout_batch_size", "8", "--mini_batch_size", "4", "--ppo_epochs", "1",
-                         "--max_new_tokens", "24", "--gold_eval_prompts", "", "--save_merged", "false", *extra])
-
-
-def metrics_lines(output_dir):
-    return [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
-
-
 def test_resume_continues_exactly_like_an_uninterrupted_run(sft_run, reward_run, tmp_path):
     constant = ["--lr_scheduler", "constant"]  # so stopping at step 2 changes nothing but the stop
-    short_run(sft_run, reward_run, tmp_path / "straight", "--steps", "3", *constant)
-    short_run(sft_run, reward_run, tmp_path / "resumed", "--steps", "2", "--save_steps", "1", *constant)
-    short_run(sft_run, reward_run, tmp_path / "resumed", "--steps", "3", "--save_steps", "1", *constant)  # from step 2
-    straight, resumed = metrics_lines(tmp_path / "straight"), metrics_lines(tmp_path / "resumed")
+    short_ppo_run(sft_run, reward_run, tmp_path / "straight", "--steps", "3", *constant)
+    short_ppo_run(sft_run, reward_run, tmp_path / "resumed", "--steps", "2", "--save_steps", "1", *constant)
+    short_ppo_run(sft_run, reward_run, tmp_path / "resumed", "--steps", "3", "--save_steps", "1", *constant)  # from step 2
+    straight, resumed = metrics_rows(tmp_path / "straight"), metrics_rows(tmp_path / "resumed")
     assert [m["step"] for m in resumed] == [1, 2, 3]
     for key in ("score/raw", "kl/sequence", "loss/policy", "loss/value"):
         assert abs(straight[-1][key] - resumed[-1][key]) < 1e-4, key
 
 
 def test_separate_layout_runs_and_says_so(sft_run, reward_run, tmp_path):
-    manifest = short_run(sft_run, reward_run, tmp_path / "separate", "--steps", "1", "--layout", "separate")
+    manifest = short_ppo_run(sft_run, reward_run, tmp_path / "separate", "--steps", "1", "--layout", "separate")
     assert manifest.extra["layout"] == "separate"
     assert abs(manifest.metrics["first"]["kl/sequence"]) < 1e-4
     assert read_manifest(tmp_path / "separate").stage == "ppo"
@@ -150,7 +137,7 @@ def test_two_processes_match_one(sft_run, reward_run, tmp_path):
         result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=900,
                                 env={**os.environ, "ACCELERATE_USE_CPU": "1"})
         assert result.returncode == 0, result.stderr[-3000:]
-    one, two = metrics_lines(tmp_path / "one"), metrics_lines(tmp_path / "two")
+    one, two = metrics_rows(tmp_path / "one"), metrics_rows(tmp_path / "two")
     assert read_manifest(tmp_path / "two").extra["world_size"] == 2
     # Same prompts, same model, different sampling streams: statistics agree within sampling noise.
     assert abs(one[0]["kl/sequence"]) < 1e-4 and abs(two[0]["kl/sequence"]) < 1e-4
@@ -179,10 +166,10 @@ def test_shared_critic_reads_the_policy_forward_and_has_no_value_adapter(sft_run
 
 
 def test_shared_critic_run_learns(sft_run, reward_run, tmp_path):
-    manifest = short_run(sft_run, reward_run, tmp_path / "shared_critic", "--steps", "16", "--critic", "shared",
+    manifest = short_ppo_run(sft_run, reward_run, tmp_path / "shared_critic", "--steps", "16", "--critic", "shared",
                          "--value_init", "policy", "--rollout_batch_size", "16", "--mini_batch_size", "8",
                          "--ppo_epochs", "4")
-    lines = metrics_lines(tmp_path / "shared_critic")
+    lines = metrics_rows(tmp_path / "shared_critic")
     first, last = lines[:4], lines[-4:]
     mean = lambda rows, key: sum(row[key] for row in rows) / len(rows)  # noqa: E731
     assert mean(last, "score/raw") > mean(first, "score/raw") + 0.3, [row["score/raw"] for row in lines]
@@ -195,14 +182,14 @@ def test_shared_critic_needs_the_shared_layout(sft_run, reward_run, tmp_path):
     from rlhf.config import ConfigError
 
     with pytest.raises(ConfigError, match="critic: shared .* use layout: shared"):
-        short_run(sft_run, reward_run, tmp_path / "bad", "--steps", "1", "--critic", "shared", "--layout", "separate")
+        short_ppo_run(sft_run, reward_run, tmp_path / "bad", "--steps", "1", "--critic", "shared", "--layout", "separate")
 
 
 def test_resume_after_a_kill_logs_every_step_once(sft_run, reward_run, tmp_path):
     """A run killed after logging steps 3-4 but before its last save resumes from step 2: those rows are logged
     again, so the log must drop them first, and the manifest's first row stays step 1."""
     output_dir = tmp_path / "killed"
-    short_run(sft_run, reward_run, output_dir, "--steps", "4", "--save_steps", "2")
+    short_ppo_run(sft_run, reward_run, output_dir, "--steps", "4", "--save_steps", "2")
     # What a kill between the step-4 log line and the final save leaves: no manifest, no step-4 checkpoint, and a
     # last log line cut in half.
     (output_dir / "manifest.json").unlink()
@@ -211,8 +198,8 @@ def test_resume_after_a_kill_logs_every_step_once(sft_run, reward_run, tmp_path)
     shutil.rmtree(output_dir / "checkpoints" / "step-000004")
     with open(output_dir / "metrics.jsonl", "a") as log:
         log.write('{"step": 5, "score/r')
-    manifest = short_run(sft_run, reward_run, output_dir, "--steps", "4", "--save_steps", "2")
-    assert [row["step"] for row in metrics_lines(output_dir)] == [1, 2, 3, 4]
+    manifest = short_ppo_run(sft_run, reward_run, output_dir, "--steps", "4", "--save_steps", "2")
+    assert [row["step"] for row in metrics_rows(output_dir)] == [1, 2, 3, 4]
     assert manifest.metrics["first"]["step"] == 1 and manifest.metrics["last"]["step"] == 4
 
 
@@ -337,7 +324,7 @@ def test_sharded_run_trains_saves_and_resumes_unsharded(sft_run, reward_run, tmp
                                 timeout=600, env={**os.environ, "ACCELERATE_USE_CPU": "1"})
         assert result.returncode == 0, result.stderr[-3000:]
     assert "resuming from" in result.stdout + result.stderr and "step-000002" in result.stdout + result.stderr
-    rows = metrics_lines(output)
+    rows = metrics_rows(output)
     assert [row["step"] for row in rows] == [1, 2, 3]
     assert all(row["memory/peak_mib"] > 100 and row["response/length"] > 0 for row in rows)
     manifest = read_manifest(output)
@@ -378,11 +365,11 @@ def test_warmup_cosine_schedule_checkpoint_limit_and_tensorboard(sft_run, reward
     from conftest import tensorboard_scalars
 
     output_dir = tmp_path / "schedule"
-    short_run(sft_run, reward_run, output_dir, "--steps", "4", "--save_steps", "1", "--save_total_limit", "2",
+    short_ppo_run(sft_run, reward_run, output_dir, "--steps", "4", "--save_steps", "1", "--save_total_limit", "2",
               "--lr_scheduler", "cosine", "--warmup_steps", "1", "--learning_rate", "1e-3",
               "--report_to", "tensorboard")
     # One warmup step from 0, then half a cosine over the 3 remaining: 1, (1 + cos(pi/3))/2, (1 + cos(2pi/3))/2.
-    rows = metrics_lines(output_dir)
+    rows = metrics_rows(output_dir)
     assert [row["lr"] for row in rows] == pytest.approx([0.0, 1e-3, 7.5e-4, 2.5e-4])
     # TensorBoard got every metric of every step, in <output_dir>/logs/ppo (with the run's configuration).
     scalars = tensorboard_scalars(output_dir / "logs" / "ppo")
@@ -396,10 +383,10 @@ def test_bf16_run_is_on_policy_at_the_first_minibatch(sft_run, reward_run, tmp_p
     """bf16 mixed precision on the CPU: one mini-batch per iteration, so every step's ratio and approx-KL are those of
     the first mini-batch, before any update: the rollout log-probs (recomputed by a forward under the same autocast,
     the default in bf16) equal the update's."""
-    manifest = short_run(sft_run, reward_run, tmp_path / "bf16", "--steps", "3", "--bf16", "true",
+    manifest = short_ppo_run(sft_run, reward_run, tmp_path / "bf16", "--steps", "3", "--bf16", "true",
                          "--mini_batch_size", "8")
     assert manifest.config["training"]["bf16"] and manifest.config["training"]["logprobs_from_generation"] is False
-    rows = metrics_lines(tmp_path / "bf16")
+    rows = metrics_rows(tmp_path / "bf16")
     assert len(rows) == 3
     for row in rows:
         assert all(math.isfinite(value) for key, value in row.items() if key != "value/explained_variance"), row
@@ -432,7 +419,7 @@ def test_fp16_is_refused_where_it_cannot_run(sft_run, reward_run, tmp_path, flag
     from rlhf.config import ConfigError
 
     with pytest.raises(ConfigError, match=message):
-        short_run(sft_run, reward_run, tmp_path / "fp16", "--steps", "1", *flags)
+        short_ppo_run(sft_run, reward_run, tmp_path / "fp16", "--steps", "1", *flags)
     assert not (tmp_path / "fp16" / "metrics.jsonl").exists()
 
 
@@ -442,8 +429,8 @@ def test_gradient_checkpointing_recomputes_the_update_only(sft_run, reward_run, 
     from rlhf.generation import generate
 
     for flag in ("false", "true"):
-        short_run(sft_run, reward_run, tmp_path / flag, "--steps", "1", "--gradient_checkpointing", flag)
-    plain, checkpointed = metrics_lines(tmp_path / "false")[0], metrics_lines(tmp_path / "true")[0]
+        short_ppo_run(sft_run, reward_run, tmp_path / flag, "--steps", "1", "--gradient_checkpointing", flag)
+    plain, checkpointed = metrics_rows(tmp_path / "false")[0], metrics_rows(tmp_path / "true")[0]
     for key in ("loss/policy", "loss/value", "grad_norm", "policy/entropy", "score/raw"):
         assert checkpointed[key] == pytest.approx(plain[key], abs=1e-5), key
 
