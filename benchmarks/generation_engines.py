@@ -32,7 +32,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import REPO, build_model, print_table, write_result  # noqa: E402
-from ppo_vs_trl026 import MODEL_30M  # noqa: E402
+from ppo_vs_trl026 import MODEL_30M, ppo_settings, run_ours, stage_outputs  # noqa: E402
 
 PROMPTS = REPO / "data" / "tiny" / "prompts_train.jsonl"
 ENGINES = ("dynamic", "dynamic_plain", "dynamic_bf16", "static", "static_compiled", "paged")
@@ -117,6 +117,24 @@ def measure(engine: str, model, tokenizer, prompt_ids, new_tokens: int, repeats:
             "tokens_per_s": statistics.median(tokens) / seconds}
 
 
+def ppo_generation(steps: int) -> dict:
+    """Our PPO at the 32M model (the PPO benchmark's settings): seconds per iteration and its split, sampling as
+    today (fp32) and with sampling_dtype bfloat16 (log-probs then recomputed), runs alternated."""
+    settings = ppo_settings(steps, rollout=16, mini=8, epochs=2, new_tokens=32)
+    runs = {}
+    with tempfile.TemporaryDirectory(prefix="bench_ppo_sampling_") as tmp:
+        work = Path(tmp)
+        sft, reward = stage_outputs("30m", work)
+        for name, flags in (("fp32", []), ("bf16_sampling", ["--sampling_dtype", "bfloat16"])):
+            runs[name] = run_ours(sft, reward, settings + flags, work, f"30m_{name}", "separate")
+            print(f"[bench] ppo {name}: {runs[name]['seconds_per_step']:.2f} s/step, split {runs[name]['split']}",
+                  flush=True)
+    fp32, bf16 = runs["fp32"], runs["bf16_sampling"]
+    return {"settings": settings, "runs": runs,
+            "generation_ratio": bf16["split"]["generation"] / fp32["split"]["generation"],
+            "step_ratio": bf16["seconds_per_step"] / fp32["seconds_per_step"]}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", choices=["tiny", "30m"], default="30m")
@@ -126,6 +144,8 @@ def main() -> None:
     parser.add_argument("--engines", nargs="+", choices=ENGINES, default=list(ENGINES))
     parser.add_argument("--base", type=Path, help="An existing model folder instead of --size (the GPU script's).")
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], help="Default: float32 on CPU, bfloat16 on GPU.")
+    parser.add_argument("--ppo_steps", type=int, default=5, help="PPO iterations per run for the PPO comparison "
+                        "(30m only; 0 skips it).")
     parser.add_argument("--out", type=Path, help="JSON path (default: benchmarks/results/generation_engines_<size>.json).")
     args = parser.parse_args()
 
@@ -179,7 +199,13 @@ def main() -> None:
           f"(bandwidth {roofline['memory_bandwidth_gb_s']:.1f} GB/s -> {roofline['bandwidth_tokens_per_s']:.0f}, "
           f"compute {roofline['matmul_gflops']:.0f} GFLOP/s -> {roofline['compute_tokens_per_s']:.0f})")
     print_table(["engine", "tokens/s", "first call s", "of roofline", "time vs dynamic", "note"], rows)
-    result = {"settings": {**vars(args), "out": str(args.out), "base": str(base), "device": device.type, "dtype": str(dtype)},
+    if args.size == "30m" and not args.base and args.ppo_steps:
+        ppo = ppo_generation(args.ppo_steps)
+        print(f"\nPPO at 32M, generation per iteration with bf16 sampling / fp32 sampling: "
+              f"{ppo['generation_ratio']:.2f} (whole iteration {ppo['step_ratio']:.2f})")
+    else:
+        ppo = None
+    result = {"ppo": ppo, "settings": {**vars(args), "out": str(args.out), "base": str(base), "device": device.type, "dtype": str(dtype)},
               "engines": results, "roofline": roofline}
     if args.out:
         args.out.write_text(json.dumps(result, indent=2) + "\n")

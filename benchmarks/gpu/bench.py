@@ -44,8 +44,8 @@ from common import REPO, RESULTS, build_model, machine, python_module, run_measu
 from flops import long_sft_records  # noqa: E402
 from scaling import fitted_preference_records, mean_prompt_tokens  # noqa: E402
 
-# TODO(PPOArgs.bf16): when PPO takes `bf16: true` (Accelerate mixed precision), switch to ["--bf16", "true"].
-PPO_BF16 = ["--dtype", "bfloat16"]
+# PPO: frozen weights stored in bf16, bf16 autocast, the trained LoRA and value head in fp32
+PPO_BF16 = ["--dtype", "bfloat16", "--bf16", "true"]
 TRL_BF16 = ["--bf16", "true", "--dtype", "float32"]  # TRL stages: fp32 master weights, bf16 autocast
 CPU_ONLY = {"CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "4"}
 TRL_026 = ("TRL 0.26.2 needs transformers < 4.58, which cannot share the site folder with the transformers 5 that "
