@@ -87,7 +87,7 @@ def win_rate(scores: list[float], other_scores: list[float]) -> dict:
 
 def sample_responses(model, tokenizer, prompts: list[list[dict]], batch_size: int = 32, max_new_tokens: int = 64,
                      temperature: float = 1.0, top_p: float = 1.0, do_sample: bool = True, seed: int = 0,
-                     reference_model=None) -> dict:
+                     reference_model=None, engine: str = "dynamic", sampling_dtype: str | None = None) -> dict:
     """Responses (text), EOS flags and token lengths for each prompt, with a fixed sampling seed. With a reference
     model, also the per-sequence KL estimate sum_t [log pi(y_t) - log pi_ref(y_t)] on these samples."""
     torch.manual_seed(seed)
@@ -97,7 +97,8 @@ def sample_responses(model, tokenizer, prompts: list[list[dict]], batch_size: in
     encoded = encode_prompts(tokenizer, prompts)
     for start in range(0, len(encoded), batch_size):
         batch = generate(model, tokenizer, encoded[start:start + batch_size], max_new_tokens=max_new_tokens,
-                         temperature=temperature, top_p=top_p, do_sample=do_sample)
+                         temperature=temperature, top_p=top_p, do_sample=do_sample, engine=engine,
+                         sampling_dtype=getattr(torch, sampling_dtype) if sampling_dtype else None)
         texts += batch.texts
         ended += batch.ended.tolist()
         lengths += batch.response_mask.sum(dim=1).tolist()
@@ -141,6 +142,12 @@ class EvalPolicyArgs:
     temperature: float = field(default=1.0, metadata={"help": "Sampling temperature."})
     top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling threshold."})
     batch_size: int = field(default=32, metadata={"help": "Prompts per generation batch."})
+    generation_engine: str = field(default="dynamic", metadata={
+        "help": "dynamic (transformers' generate), static (preallocated KV cache, compiled on GPUs) or paged "
+                "(continuous batching); see benchmarks/generation_engines.py.", "choices": ["dynamic", "static", "paged"]})
+    sampling_dtype: str | None = field(default=None, metadata={
+        "help": "Sample under autocast in this dtype (bfloat16), the weights unchanged; the KL is still scored in "
+                "the models' own precision.", "choices": ["bfloat16", "float16"]})
     seed: int = field(default=0, metadata={"help": "Sampling seed (the same for every model)."})
     n_examples: int = field(default=8, metadata={"help": "Samples shown side by side in report.md."})
     hacking_max_kl: float = field(default=10.0, metadata={
@@ -341,7 +348,7 @@ def main(argv: list[str] | None = None) -> dict:
         policies, tokenizer, prompts, reference=reference, reward_model=reward_model, reward_tokenizer=reward_tokenizer,
         gold=gold, n_examples=args.n_examples,
         batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-        top_p=args.top_p, seed=args.seed,
+        top_p=args.top_p, seed=args.seed, engine=args.generation_engine, sampling_dtype=args.sampling_dtype,
     )
     report["reference_path"] = reference_path
     report["reward_model_path"] = args.reward_model

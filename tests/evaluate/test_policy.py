@@ -33,12 +33,13 @@ def test_win_rate_counts_ties_as_half():
     assert result["mean"] == pytest.approx((1 + 0.5 + 0 + 1) / 4)
 
 
-def test_policy_against_itself_has_zero_kl_and_even_win_rate():
+@pytest.mark.parametrize("engine, sampling_dtype", [("dynamic", None), ("static", "bfloat16"), ("paged", None)])
+def test_policy_against_itself_has_zero_kl_and_even_win_rate(engine, sampling_dtype):
     model = load_causal_lm(TINY_BASE, ModelArgs()).eval()
     tokenizer = load_tokenizer(TINY_BASE)
     prompts = [record["prompt"] for record in load_prompts(str(TINY_DATA / "prompts_test.jsonl"))][:12]
     report = compare_policies({"same": model}, tokenizer, prompts, reference=model, gold=gold_reward,
-                              batch_size=6, max_new_tokens=24, seed=3)
+                              batch_size=6, max_new_tokens=24, seed=3, engine=engine, sampling_dtype=sampling_dtype)
     summary = report["policies"]["same"]
     # Same seed, same model: identical samples, so every comparison is a tie and the KL estimate is exactly 0.
     assert summary["win_rate_vs_reference_gold"]["mean"] == 0.5
