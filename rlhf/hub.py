@@ -53,10 +53,13 @@ CARD_METRICS = {
 
 
 def hub_name(value: str | None) -> str | None:
-    """`value` when it names a hub repo (owner/name, not a local path), else None."""
+    """`value` when it names a hub repo (owner/name), else None: a local path, or what reads as one (data/x.jsonl
+    that is not there), by the rule the data loader uses to choose between a file and the hub."""
     from huggingface_hub.utils import HFValidationError, validate_repo_id
 
-    if not value or os.path.exists(value) or value.startswith((".", "/", "~")):
+    from rlhf.data import _looks_like_path
+
+    if not value or os.path.exists(value) or _looks_like_path(value):
         return None
     try:
         validate_repo_id(value)
