@@ -56,8 +56,9 @@ class StageOutputArgs(HubArgs):
 # updates agree to float rounding, and checkpoints hold whole tensors either way; the gold curve samples under its own
 # random state; the console, pinned memory and where the finished stage is pushed change nothing trained).
 RUN_ONLY_KEYS = ("output_dir", "overwrite", "ddp_timeout", "logging_dir", "report_to", "fsdp",
-                 "gather_for_generation", "gold_curve_points", "verbose", "dataloader_pin_memory", "push_to_hub",
-                 "hub_model_id", "hub_private_repo", "hub_strategy", "hub_token", "hub_always_push", "hub_revision")
+                 "gather_for_generation", "gold_curve_points", "verbose", "disable_tqdm", "dataloader_pin_memory",
+                 "push_to_hub", "hub_model_id", "hub_private_repo", "hub_strategy", "hub_token", "hub_always_push",
+                 "hub_revision")
 
 LOCK_NAME = ".lock"
 
