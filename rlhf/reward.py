@@ -108,8 +108,8 @@ def main(argv: list[str] | None = None):
         from rlhf.models import load_stage_output
 
         reward_model = load_stage_output(manifest, model_args)
-        scores = score_pairs(reward_model, tokenizer, train_pairs[: stage_args.stats_samples], stage_args.score_batch_size,
-                             show_progress=stage_args.verbose)
+        scores = score_pairs(reward_model, tokenizer, train_pairs[: stage_args.stats_samples],
+                             stage_args.score_batch_size, show_progress=stage_args.verbose)
         rewards = scores["chosen"] + scores["rejected"]
         return {"reward_mean": statistics.fmean(rewards), "reward_std": statistics.pstdev(rewards),
                 "train_accuracy": statistics.fmean(c > r for c, r in zip(scores["chosen"], scores["rejected"]))}

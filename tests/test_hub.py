@@ -34,7 +34,8 @@ def short_reward(short_sft, tmp_path_factory):
 
     output_dir = tmp_path_factory.mktemp("hub") / "reward"
     return reward.main(["--config", "recipes/tiny/reward.yaml", *SHORT, "--stats_samples", "8",
-                        "--max_eval_samples", "32", "--init_from", short_sft.output_dir, "--output_dir", str(output_dir)])
+                        "--max_eval_samples", "32", "--init_from", short_sft.output_dir,
+                        "--output_dir", str(output_dir)])
 
 
 def card(folder) -> tuple[dict, str]:
