@@ -4,11 +4,11 @@ Library noise (weight-loading and dataset-map progress bars, transformers' load 
 trainer's progress bar and log dicts) is silenced unless the stage runs with `--verbose true`. Our own warnings
 (logger.warning in rlhf.*) and errors always show.
 
-    [rlhf] sft: data/tiny-base + LoRA r16 -> /tmp/x (cpu, float32, 1 process)
+    [rlhf] sft: data/tiny-base -> /tmp/x (LoRA r16, cpu, float32, 1 process)
     [rlhf] sft: training 5 steps on 2000 records (eval 200)
-    [rlhf] sft: step 5/5 loss 1.16 token_acc 0.604 grad_norm 0.83 lr 2.00e-04
-    [rlhf] sft: trained 5 steps in 1.8 s
-    [rlhf] sft: eval on 200 records at step 5: loss 0.99
+    [rlhf] sft: step 5/5 loss 1.16 token_acc 0.6043 grad_norm 0.3516 lr 8.00e-04
+    [rlhf] sft: trained 5 steps in 1.1 s
+    [rlhf] sft: eval on 200 records at step 5: loss 1.194 token_acc 0.5988
 """
 
 from __future__ import annotations
