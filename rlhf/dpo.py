@@ -26,6 +26,7 @@ from rlhf.stage import (
     open_trl_output,
     stage_callbacks,
     start_trl_stage,
+    train,
     training_metrics,
 )
 
@@ -45,7 +46,7 @@ ARG_TYPES = (ModelArgs, DataArgs, DPOConfig, DPOStageArgs)
 def main(argv: list[str] | None = None):
     # Config
     model_args, data_args, training_args, stage_args = parse_args(ARG_TYPES, argv, prog="rlhf dpo", description=__doc__)
-    start_trl_stage(STAGE, training_args, train_data=data_args.train_data)
+    push_to = start_trl_stage(STAGE, training_args, stage_args, train_data=data_args.train_data)
     output_dir = training_args.output_dir
 
     # Data
@@ -87,7 +88,7 @@ def main(argv: list[str] | None = None):
         peft_config=lora_config(model_args),
         callbacks=stage_callbacks(data_args, output_dir),
     )
-    train_result = trainer.train(resume_from_checkpoint=resume_from)
+    train_result = train(trainer, STAGE, resume_from)
     metrics = training_metrics(trainer, train_result)
     if eval_pairs:
         evaluation = trainer.evaluate()
@@ -97,7 +98,7 @@ def main(argv: list[str] | None = None):
     reference = REFERENCE if model_args.use_lora else "separate frozen copy of the parent policy (full fine-tuning)"
     return finish_stage(
         trainer, STAGE, output_dir, model_args, data_args=data_args, config=config,
-        base_model=base_model, parent=parent, metrics=metrics,
+        base_model=base_model, parent=parent, metrics=metrics, push_to=push_to,
         extra={"reference": reference, "parent_adapter": "merged" if parent else None,
                "loss_type": list(training_args.loss_type), "beta": training_args.beta},
         save_merged=stage_args.save_merged, gold_prompts=gold_prompts,

@@ -28,6 +28,7 @@ from rlhf.stage import (
     open_trl_output,
     stage_callbacks,
     start_trl_stage,
+    train,
     training_metrics,
 )
 
@@ -52,7 +53,7 @@ def main(argv: list[str] | None = None, method: str = STAGE, description: str = 
     # Config
     model_args, data_args, training_args, stage_args = parse_args(
         arg_types(method), argv, prog=f"rlhf {method}", description=description)
-    start_trl_stage(method, training_args, train_data=data_args.train_data)
+    push_to = start_trl_stage(method, training_args, stage_args, train_data=data_args.train_data)
     output_dir = training_args.output_dir
 
     # Data, the rewards checked (the reward model's gate, a probe call of every function), before any model loads
@@ -101,7 +102,7 @@ def main(argv: list[str] | None = None, method: str = STAGE, description: str = 
         peft_config=lora_config(model_args) if model_args.use_lora else None,
         callbacks=stage_callbacks(data_args, output_dir),
     )
-    train_result = trainer.train(resume_from_checkpoint=resume_from)
+    train_result = train(trainer, method, resume_from)
     metrics = training_metrics(trainer, train_result)
 
     # Save
@@ -109,7 +110,7 @@ def main(argv: list[str] | None = None, method: str = STAGE, description: str = 
                  if model_args.use_lora else "separate frozen copy of the parent policy (full fine-tuning)")
     return finish_stage(
         trainer, method, output_dir, model_args, data_args=data_args, config=config,
-        base_model=base_model, parent=parent, metrics=metrics,
+        base_model=base_model, parent=parent, metrics=metrics, push_to=push_to,
         extra={"reference": reference, "parent_adapter": "merged" if parent else None,
                "rewards": trainer.reward_func_names, "reward_weights": trainer.reward_weights.tolist(),
                "reward_model": stage_args.reward_source, "num_generations": training_args.num_generations,

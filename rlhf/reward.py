@@ -24,6 +24,7 @@ from rlhf.stage import (
     open_trl_output,
     stage_callbacks,
     start_trl_stage,
+    train,
     training_metrics,
 )
 
@@ -47,7 +48,7 @@ ARG_TYPES = (ModelArgs, DataArgs, RewardConfig, RewardStageArgs)
 def main(argv: list[str] | None = None):
     # Config
     model_args, data_args, training_args, stage_args = parse_args(ARG_TYPES, argv, prog="rlhf reward", description=__doc__)
-    start_trl_stage(STAGE, training_args, train_data=data_args.train_data)
+    push_to = start_trl_stage(STAGE, training_args, stage_args, train_data=data_args.train_data)
     output_dir = training_args.output_dir
 
     # Data
@@ -88,7 +89,7 @@ def main(argv: list[str] | None = None):
         peft_config=lora_config(model_args, task_type="SEQ_CLS", modules_to_save=["score"], tokenizer=tokenizer),
         callbacks=stage_callbacks(),
     )
-    train_result = trainer.train(resume_from_checkpoint=resume_from)
+    train_result = train(trainer, STAGE, resume_from)
     metrics = training_metrics(trainer, train_result)
     if eval_pairs:
         evaluation = trainer.evaluate()
@@ -103,7 +104,8 @@ def main(argv: list[str] | None = None):
         from rlhf.models import load_stage_output
 
         reward_model = load_stage_output(manifest, model_args)
-        scores = score_pairs(reward_model, tokenizer, train_pairs[: stage_args.stats_samples], stage_args.score_batch_size)
+        scores = score_pairs(reward_model, tokenizer, train_pairs[: stage_args.stats_samples],
+                             stage_args.score_batch_size, show_progress=stage_args.verbose)
         rewards = scores["chosen"] + scores["rejected"]
         return {"reward_mean": statistics.fmean(rewards), "reward_std": statistics.pstdev(rewards),
                 "train_accuracy": statistics.fmean(c > r for c, r in zip(scores["chosen"], scores["rejected"]))}
@@ -111,7 +113,7 @@ def main(argv: list[str] | None = None):
     # Save
     return finish_stage(
         trainer, STAGE, output_dir, model_args, data_args=data_args, config=config,
-        base_model=base_model, parent=parent, metrics=metrics,
+        base_model=base_model, parent=parent, metrics=metrics, push_to=push_to,
         extra={"head": REWARD}, save_merged=stage_args.save_merged,
         after_save=reward_statistics,
     )

@@ -24,6 +24,7 @@ from rlhf.stage import (
     open_trl_output,
     stage_callbacks,
     start_trl_stage,
+    train,
     training_metrics,
 )
 
@@ -42,7 +43,7 @@ ARG_TYPES = (ModelArgs, DataArgs, SFTConfig, SFTStageArgs)
 def main(argv: list[str] | None = None):
     # Config
     model_args, data_args, training_args, stage_args = parse_args(ARG_TYPES, argv, prog="rlhf sft", description=__doc__)
-    start_trl_stage(STAGE, training_args, train_data=data_args.train_data)
+    push_to = start_trl_stage(STAGE, training_args, stage_args, train_data=data_args.train_data)
     output_dir = training_args.output_dir
 
     # Data: everything is validated before the model is even loaded.
@@ -81,7 +82,7 @@ def main(argv: list[str] | None = None):
         peft_config=lora_config(model_args),
         callbacks=stage_callbacks(),
     )
-    train_result = trainer.train(resume_from_checkpoint=resume_from)
+    train_result = train(trainer, STAGE, resume_from)
     metrics = training_metrics(trainer, train_result)
     if eval_records:
         metrics["eval_loss"] = trainer.evaluate()["eval_loss"]
@@ -89,7 +90,7 @@ def main(argv: list[str] | None = None):
     # Save
     return finish_stage(
         trainer, STAGE, output_dir, model_args, data_args=data_args, config=config,
-        base_model=base_model, parent=parent, metrics=metrics,
+        base_model=base_model, parent=parent, metrics=metrics, push_to=push_to,
         extra={"assistant_only_loss": training_args.assistant_only_loss},
         save_merged=stage_args.save_merged, gold_prompts=gold_prompts,
     )

@@ -10,6 +10,7 @@ import math
 import os
 import shutil
 import tempfile
+from collections.abc import Sized
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,7 +18,10 @@ from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from rlhf.config import ConfigError, DataArgs, ModelArgs, to_plain_dict
+from rlhf.console import LogLastStep, count, say, say_header
+from rlhf.hub import HubArgs
 from rlhf.manifest import Manifest, ManifestError, write_manifest
+from rlhf.trackers import logs_folder, point_trackers, trackers  # noqa: F401 (stages import them from here)
 
 logger = logging.getLogger(__name__)
 
@@ -31,8 +35,8 @@ def is_main_process() -> bool:
 
 
 @dataclass
-class StageOutputArgs:
-    """What every stage does with an output folder that already holds a finished run."""
+class StageOutputArgs(HubArgs):
+    """What every stage does with its output folder: a finished run already there, trackers, the console, the hub."""
 
     overwrite: bool = field(
         default=False, metadata={"help": "Replace a finished run in output_dir. Without it, a rerun with the same "
@@ -41,50 +45,20 @@ class StageOutputArgs:
     logging_dir: str | None = field(
         default=None, metadata={"help": "Where the trackers named by report_to (tensorboard, wandb) write; default "
                                 "<output_dir>/logs."})
-
-
-def trackers(report_to) -> list[str]:
-    """The trackers report_to names (a name, a list, "none" or "all"), each checked against transformers' list of
-    integrations and what is installed, before anything loads."""
-    from transformers.integrations.integration_utils import (INTEGRATION_TO_CALLBACK,
-                                                             get_available_reporting_integrations)
-
-    names = [report_to] if isinstance(report_to, str) else list(report_to or [])
-    names = [name for name in names if name != "none"]
-    available = get_available_reporting_integrations()
-    if names == ["all"]:
-        return available
-    for name in names:
-        if name not in INTEGRATION_TO_CALLBACK:
-            raise ConfigError(f"report_to: unknown tracker {name!r}; expected none, all or some of "
-                              f"{', '.join(sorted(INTEGRATION_TO_CALLBACK))}")
-        if name not in available:
-            raise ConfigError(f"report_to: {name} is not installed; pip install {name} (or drop it from report_to)")
-    return names
-
-
-def logs_folder(output_dir: str, logging_dir: str | None) -> Path:
-    return Path(logging_dir) if logging_dir else Path(output_dir) / "logs"
-
-
-def point_trackers(output_dir: str, logging_dir: str | None) -> Path:
-    """Send every tracker's files to logging_dir (default <output_dir>/logs) rather than under checkpoints/:
-    transformers' TensorBoard callback reads TENSORBOARD_LOGGING_DIR, wandb reads WANDB_DIR. Call once the output
-    folder is locked (a refused run leaves nothing behind)."""
-    folder = logs_folder(output_dir, logging_dir)
-    if is_main_process():
-        folder.mkdir(parents=True, exist_ok=True)
-    os.environ["TENSORBOARD_LOGGING_DIR"] = str(folder)
-    os.environ["WANDB_DIR"] = str(folder)
-    return folder
+    verbose: bool = field(
+        default=False, metadata={"help": "Show the libraries' own output (progress bars, load reports, deprecation "
+                                 "warnings, the trainer's log dicts); by default a stage prints a header, one line per "
+                                 "logging step, its evaluation and where it saved."})
 
 
 # Keys that say how a run is carried out, not what it trains: left out of the configuration hash, so changing them
 # neither refuses a finished run nor its checkpoints (PPO's fsdp and gather_for_generation: sharded and unsharded
 # updates agree to float rounding, and checkpoints hold whole tensors either way; the gold curve samples under its own
-# random state).
+# random state; the console, pinned memory and where the finished stage is pushed change nothing trained).
 RUN_ONLY_KEYS = ("output_dir", "overwrite", "ddp_timeout", "logging_dir", "report_to", "fsdp",
-                 "gather_for_generation", "gold_curve_points")
+                 "gather_for_generation", "gold_curve_points", "verbose", "disable_tqdm", "dataloader_pin_memory",
+                 "push_to_hub", "hub_model_id", "hub_private_repo", "hub_strategy", "hub_token", "hub_always_push",
+                 "hub_revision")
 
 LOCK_NAME = ".lock"
 
@@ -175,9 +149,10 @@ def _output_verdict(stage: str, output: Path, config: dict, overwrite: bool, ext
             "it, or pick another output_dir")
 
 
-def open_output(stage: str, output_dir: str, config: dict, overwrite: bool, extends=None):
+def open_output(stage: str, output_dir: str, config: dict, overwrite: bool, extends=None, push_to=None):
     """Lock output_dir and look at what it holds. Returns (lock, finished manifest or None): a finished run of the
-    same configuration is returned untouched (nothing to do); one of another configuration is refused unless
+    same configuration is returned untouched (nothing to do; pushed to `push_to` when given, which is how a failed
+    push is retried); one of another configuration is refused unless
     `overwrite`, which clears the folder first, or `extends(finished)` says this run continues it (PPO with more
     steps), which retires its manifest until this run writes the new one. Rank 0 looks and decides for every rank:
     a rank that looked after rank 0 had retired the manifest would take another path and miss a collective."""
@@ -205,6 +180,10 @@ def open_output(stage: str, output_dir: str, config: dict, overwrite: bool, exte
         if is_main_process():
             print(f"[rlhf] {stage}: {output_dir} already holds this run (config {finished.config_hash}); nothing to "
                   "do. Pass --overwrite true to train it again.", flush=True)
+            if push_to is not None:
+                from rlhf.hub import push_stage
+
+                push_stage(finished, push_to)
         return lock, finished
     raise StageError(verdict)
 
@@ -330,7 +309,15 @@ def stage_callbacks(data_args: DataArgs | None = None, output_dir: str | None = 
     """The callbacks every TRL-trained stage runs with; a policy stage passes its data arguments and output folder
     for the gold curve."""
     curve = [GoldCurveCallback(data_args, output_dir)] if data_args is not None else []
-    return [NonFiniteLossGuard(), CheckpointCompleteMarker(), *curve]
+    return [NonFiniteLossGuard(), CheckpointCompleteMarker(), LogLastStep(), *curve]
+
+
+def train(trainer, stage: str, resume_from: str | None):
+    """trainer.train with the stage's console lines (rlhf.console) in place of the trainer's progress bar."""
+    from rlhf.console import attach
+
+    attach(trainer, stage)
+    return trainer.train(resume_from_checkpoint=resume_from)
 
 
 def logged_losses(log_history: list[dict], key: str = "loss") -> list[float]:
@@ -338,10 +325,14 @@ def logged_losses(log_history: list[dict], key: str = "loss") -> list[float]:
 
 
 def training_metrics(trainer, train_result) -> dict:
-    """What every TRL-trained stage records: final loss, steps, and first/last logged loss (did it learn?)."""
+    """What every TRL-trained stage records: final loss, steps, records trained on (after the trainer's own
+    filtering), and first/last logged loss (did it learn?)."""
     metrics = {"train_loss": train_result.training_loss, "steps": trainer.state.global_step,
                "world_size": trainer.accelerator.num_processes,
-               "train_seconds": train_result.metrics.get("train_runtime")}
+               "train_seconds": train_result.metrics.get("train_runtime"),
+               "train_records": count(trainer.train_dataset)}
+    if isinstance(trainer.eval_dataset, Sized):
+        metrics["eval_records"] = len(trainer.eval_dataset)
     for key in ("loss", "reward"):  # reward: what the online stages (grpo, rloo) maximise, per logged step
         logged = logged_losses(trainer.state.log_history, key)
         if logged:
@@ -363,34 +354,58 @@ def require(value, name: str, stage: str) -> None:
         raise ConfigError(f"{stage}: '{name}' is required (set it in the recipe or pass --{name})")
 
 
-def start_trl_stage(stage: str, training_args, **required) -> None:
-    """What a TRL-trained stage checks before it reads any data (parse_args has checked the numeric ranges): required
-    keys, and a launch whose processes can see each other (the TRL config already joined the process group, with its
-    ddp_timeout)."""
+def start_stage(stage: str, stage_args, output_dir: str | None):
+    """What every stage does first, before it reads any data: the console (library output silenced unless
+    --verbose), and with push_to_hub the checks that the finished stage can be uploaded. Returns where to push it
+    (rlhf.hub.HubTarget) or None."""
+    from rlhf import console, hub
+
+    console.start(stage_args.verbose)
+    require(output_dir, "output_dir", stage)
+    return hub.push_target(stage_args, output_dir)
+
+
+def start_trl_stage(stage: str, training_args, stage_args, **required):
+    """What a TRL-trained stage checks before it reads any data (parse_args has checked the numeric ranges): what
+    start_stage checks, required keys, and a launch whose processes can see each other (the TRL config already
+    joined the process group, with its ddp_timeout). Returns where to push the finished stage, or None."""
+    import torch
+
     from rlhf.processes import start_processes
 
+    push_to = start_stage(stage, stage_args, training_args.output_dir)
     for name, value in required.items():
         require(value, name, stage)
     trackers(training_args.report_to)
+    # TRL's own push would create the repo now and upload checkpoints while training; the stage pushes once, done.
+    training_args.push_to_hub = False
+    if not torch.accelerator.is_available():  # pinned memory only serves copies to an accelerator (and warns)
+        training_args.dataloader_pin_memory = False
     start_processes(training_args.ddp_timeout)
+    return push_to
 
 
 def open_trl_output(stage: str, model_args: ModelArgs, data_args: DataArgs, training_args, stage_args,
                     parent: Manifest | None):
     """A TRL-trained stage's configuration and output folder: (config, lock, finished manifest or None, checkpoint
     to resume from). See open_output."""
+    from rlhf.hub import push_target
+
     config = stage_config(model_args, data_args, training_args, stage_args, parent)
     output_dir = training_args.output_dir
-    lock, finished = open_output(stage, output_dir, config, stage_args.overwrite)
+    lock, finished = open_output(stage, output_dir, config, stage_args.overwrite,
+                                 push_to=push_target(stage_args, output_dir))
     if not finished:
         point_trackers(output_dir, stage_args.logging_dir)
+        mixed = "bf16" if training_args.bf16 else "fp16" if training_args.fp16 else None
+        say_header(stage, model_args, output_dir, mixed)
     resume_from = None if finished else prepare_checkpoints(training_args, output_dir, config)
     return config, lock, finished, resume_from
 
 
 def finish_stage(trainer, stage: str, output_dir: str, model_args: ModelArgs, **details) -> Manifest | None:
-    """Save a TRL trainer's model, then write the stage (see write_stage). Returns the manifest on the main process,
-    None elsewhere."""
+    """Save a TRL trainer's model, then write the stage (see write_stage; `push_to` from start_trl_stage). Returns
+    the manifest on the main process, None elsewhere."""
     # save_model gathers sharded weights (DeepSpeed/FSDP) and writes safetensors + the tokenizer.
     trainer.save_model(str(Path(output_dir) / ("adapter" if model_args.use_lora else "merged")))
     trainer.accelerator.wait_for_everyone()
@@ -441,11 +456,15 @@ def write_stage(
     save_merged: bool = True,
     gold_prompts: list[list[dict]] | None = None,
     after_save=None,
+    push_to=None,
 ) -> Manifest:
-    """Finish a stage whose adapter (or full model) is already saved: merged copy, checks, manifest (last).
+    """Finish a stage whose adapter (or full model) is already saved: merged copy, checks, model cards, manifest
+    (last); then, with `push_to` (rlhf.hub.HubTarget), the upload.
 
     Checks of the finished model (`after_save(manifest) -> metrics`, the gold-reward report) run on the model
     reloaded from disk: that proves the saved files are what was trained, whatever the sharding."""
+    from rlhf.hub import write_cards
+    from rlhf.manifest import config_hash, package_versions
     from rlhf.models import load_stage_output, save_merged_copy
     from rlhf.processes import peak_memory_mib
 
@@ -474,9 +493,17 @@ def write_stage(
         seed = config["training"].get("seed", 0)
         report = gold_report(policy, tokenizer, gold_prompts, load_gold_reward(data_args.gold_reward), seed=seed)
         manifest.metrics["gold"] = report
-        logger.warning("%s gold reward %.3f, EOS rate %.2f", stage, report["gold_reward"]["mean"], report["eos_rate"])
+        say(stage, f"held-out gold reward {report['gold_reward']['mean']:.3f}, EOS rate {report['eos_rate']:.2f}")
     if after_save is not None:
         manifest.metrics.update(after_save(manifest))
+    manifest.config_hash, manifest.versions = config_hash(config), package_versions()  # for the cards
+    write_cards(manifest)
     path = write_manifest(manifest)
-    print(f"[rlhf] {stage} done: {path}")
+    saved = [folder + "/" for folder in (manifest.adapter_path, manifest.merged_path) if folder]
+    say(stage, f"saved {output} ({', '.join(saved + [path.name])})")
+    if push_to is not None:
+        from rlhf.hub import push_stage
+
+        push_stage(manifest, push_to)
     return manifest
+

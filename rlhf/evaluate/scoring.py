@@ -42,7 +42,8 @@ def score_conversations(reward_model, tokenizer, conversations: list[list[dict]]
     return scores, lengths
 
 
-def score_pairs(reward_model, tokenizer, pairs: list[dict], batch_size: int = 32, accelerator=None) -> dict:
+def score_pairs(reward_model, tokenizer, pairs: list[dict], batch_size: int = 32, accelerator=None,
+                show_progress: bool = True) -> dict:
     """Score chosen and rejected of every preference pair. With an accelerator, each process scores a contiguous
     share and the results are gathered in order, so the output equals a single-process run."""
     indices = list(range(len(pairs)))
@@ -56,7 +57,7 @@ def score_pairs(reward_model, tokenizer, pairs: list[dict], batch_size: int = 32
         merged = {key: [value for part in gathered for value in part[key]] for key in local}
         order = sorted(range(len(merged["index"])), key=merged["index"].__getitem__)
         return {key: [merged[key][i] for i in order] for key in local if key != "index"}
-    return _score_share(reward_model, tokenizer, pairs, batch_size, True)
+    return _score_share(reward_model, tokenizer, pairs, batch_size, show_progress)
 
 
 def _score_share(reward_model, tokenizer, pairs: list[dict], batch_size: int, show_progress: bool) -> dict:

@@ -303,6 +303,10 @@ def main(argv: list[str] | None = None):
     if args.eval_steps and not data_args.eval_data:
         raise ConfigError(f"ppo: eval_steps {args.eval_steps} evaluates on eval_data, which is not set; set "
                           "eval_data (held-out prompts) or eval_steps: 0")
+    from rlhf import console
+    from rlhf.stage import start_stage
+
+    push_to = start_stage(STAGE, args, args.output_dir)  # the console (--verbose); push_to_hub checked
 
     from accelerate import Accelerator
     from accelerate.utils import DistributedType
@@ -354,9 +358,11 @@ def main(argv: list[str] | None = None):
     lock, finished = open_output(STAGE, str(output_dir), config, args.overwrite,  # noqa: F841 (held until exit)
                                  extends=lambda done: (config_hash(without_steps(done.config)) ==
                                                        config_hash(without_steps(config))
-                                                       and args.steps > done.metrics.get("steps", args.steps)))
+                                                       and args.steps > done.metrics.get("steps", args.steps)),
+                                 push_to=push_to)
     if finished:
         return finished
+    console.say_header(STAGE, model_args, str(output_dir))
     if report_to:  # TensorBoard writes to <logging_dir>/ppo, wandb to <logging_dir>/wandb
         point_trackers(str(output_dir), args.logging_dir)
         accelerator.init_trackers(STAGE, config=tracker_config(config))
@@ -406,7 +412,7 @@ def main(argv: list[str] | None = None):
     if curve:
         curve.start(start_step)
     progress = tqdm(range(start_step, args.steps), initial=start_step, total=args.steps, desc="ppo",
-                    disable=not accelerator.is_local_main_process)
+                    disable=not accelerator.is_local_main_process or not console.is_verbose())
     for step in progress:
         step_started = time.perf_counter()
         # Seeds depend on (seed, step, rank) only, so a resumed run continues exactly as an uninterrupted one.
@@ -444,8 +450,8 @@ def main(argv: list[str] | None = None):
                 log_file.write(json.dumps(metrics) + "\n")
             accelerator.log(metrics, step=step + 1)
         progress.set_postfix(score=f"{metrics['score/combined']:.3f}", kl=f"{metrics['kl/sequence']:.3f}")
-        if args.logging_steps and (step + 1) % args.logging_steps == 0:
-            accelerator.print(" ".join(f"{key}={value:.4g}" for key, value in metrics.items() if not key.startswith("time")))
+        if args.logging_steps and ((step + 1) % args.logging_steps == 0 or step + 1 == args.steps):
+            accelerator.print(f"[rlhf] ppo: {console.step_line(step + 1, args.steps, metrics)}")
         if curve and curve.due(step + 1):
             curve.record(models, tokenizer, step + 1)
         if args.save_steps and (step + 1) % args.save_steps == 0 and step + 1 < args.steps:
@@ -479,7 +485,7 @@ def main(argv: list[str] | None = None):
                "reward_weights": reward_weights, "reward_placement": models.reward_placement,
                "value_init": args.value_init,
                "world_size": accelerator.num_processes},
-        save_merged=args.save_merged, gold_prompts=load_gold_prompts(data_args),
+        save_merged=args.save_merged, gold_prompts=load_gold_prompts(data_args), push_to=push_to,
     )
     accelerator.end_training()
     return manifest
