@@ -58,9 +58,9 @@ def hub_name(value: str | None) -> str | None:
     that is not there), by the rule the data loader uses to choose between a file and the hub."""
     from huggingface_hub.utils import HFValidationError, validate_repo_id
 
-    from rlhf.data import _looks_like_path
+    from rlhf.sources import looks_like_path
 
-    if not value or os.path.exists(value) or _looks_like_path(value):
+    if not value or os.path.exists(value) or looks_like_path(value):
         return None
     try:
         validate_repo_id(value)

@@ -55,7 +55,7 @@ def read_located(source: str, split: str | None = None, config: str | None = Non
         located = _read_folder(source, split, config)
     elif os.path.isfile(source):
         located = _read_file(source, split)
-    elif _looks_like_path(source):
+    elif looks_like_path(source):
         raise DataError(f"{source}: file not found")
     else:
         located = _read_hub(source, split, config)
@@ -69,7 +69,7 @@ def read_located(source: str, split: str | None = None, config: str | None = Non
 _FILE_EXTENSION = re.compile(r"\.[A-Za-z]{2,8}$")
 
 
-def _looks_like_path(source: str) -> bool:
+def looks_like_path(source: str) -> bool:
     # Hub names look like "owner/name", so a single separator alone does not make a path, unless "owner" is a
     # local folder (data/missing is a typo'd path, not a dataset to fetch).
     return (source.startswith((".", os.sep, "~")) or source.count(os.sep) >= 2
