@@ -97,6 +97,13 @@ def read_jsonl_log(path: Path) -> list[dict]:
     return rows
 
 
+def truncate_jsonl_log(path: Path, last_step: int) -> None:
+    """Keep only the rows of steps up to last_step, the step a resumed run goes on after."""
+    if path.is_file():
+        kept = [row for row in read_jsonl_log(path) if row.get("step", 0) <= last_step]
+        atomic_write(path, "".join(json.dumps(row) + "\n" for row in kept))
+
+
 def write_manifest(manifest: Manifest) -> Path:
     manifest.created = manifest.created or time.strftime("%Y-%m-%dT%H:%M:%S%z")
     manifest.versions = manifest.versions or package_versions()

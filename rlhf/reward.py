@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None):
         eval_dataset=data.to_dataset(eval_pairs) if eval_pairs else None,
         processing_class=tokenizer,
         peft_config=lora_config(model_args, task_type="SEQ_CLS", modules_to_save=["score"], tokenizer=tokenizer),
-        callbacks=stage_callbacks(),
+        callbacks=stage_callbacks(output_dir),
     )
     train_result = train(trainer, STAGE, resume_from)
     metrics = training_metrics(trainer, train_result)

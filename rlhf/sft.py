@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None):
         eval_dataset=data.to_dataset(eval_records) if eval_records else None,
         processing_class=tokenizer,
         peft_config=lora_config(model_args),
-        callbacks=stage_callbacks(),
+        callbacks=stage_callbacks(output_dir),
     )
     train_result = train(trainer, STAGE, resume_from)
     metrics = training_metrics(trainer, train_result)

@@ -305,11 +305,12 @@ class GoldCurveCallback(TrainerCallback):
             self.curve.record(model, processing_class, state.global_step)
 
 
-def stage_callbacks(data_args: DataArgs | None = None, output_dir: str | None = None) -> list[TrainerCallback]:
-    """The callbacks every TRL-trained stage runs with; a policy stage passes its data arguments and output folder
-    for the gold curve."""
+def stage_callbacks(output_dir: str, data_args: DataArgs | None = None) -> list[TrainerCallback]:
+    """The callbacks every TRL-trained stage runs with; a policy stage passes its data arguments for the gold curve."""
+    from rlhf.trackers import MetricsLog
+
     curve = [GoldCurveCallback(data_args, output_dir)] if data_args is not None else []
-    return [NonFiniteLossGuard(), CheckpointCompleteMarker(), LogLastStep(), *curve]
+    return [NonFiniteLossGuard(), CheckpointCompleteMarker(), LogLastStep(), MetricsLog(output_dir), *curve]
 
 
 def train(trainer, stage: str, resume_from: str | None):

@@ -1,10 +1,14 @@
 """Which trackers (report_to: tensorboard, wandb, ...) a stage reports to, checked before anything loads, and where
-they write: <output_dir>/logs unless logging_dir says otherwise."""
+they write: <output_dir>/logs unless logging_dir says otherwise. Every stage also writes <output_dir>/metrics.jsonl
+(the TRL stages through MetricsLog, PPO in its loop)."""
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
+
+from transformers import TrainerCallback
 
 from rlhf.config import ConfigError
 from rlhf.processes import process_rank
@@ -44,3 +48,25 @@ def point_trackers(output_dir: str, logging_dir: str | None) -> Path:
     os.environ["TENSORBOARD_LOGGING_DIR"] = str(folder)
     os.environ["WANDB_DIR"] = str(folder)
     return folder
+
+
+class MetricsLog(TrainerCallback):
+    """<output_dir>/metrics.jsonl for the TRL stages, as PPO writes it: one row of numbers per logged step (training,
+    evaluation and the closing summary), written by the main process. A resumed run first cuts the rows after the
+    checkpoint it resumes from, so every step appears once."""
+
+    def __init__(self, output_dir: str):
+        self.path = Path(output_dir) / "metrics.jsonl"
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        from rlhf.manifest import truncate_jsonl_log
+
+        if state.is_world_process_zero:  # global_step is the checkpoint's on resume, 0 on a fresh run
+            truncate_jsonl_log(self.path, state.global_step)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        numbers = {key: value for key, value in (logs or {}).items()
+                   if isinstance(value, (int, float)) and not isinstance(value, bool)}
+        if state.is_world_process_zero and numbers:
+            with open(self.path, "a") as log:
+                log.write(json.dumps({"step": state.global_step, **numbers}) + "\n")

@@ -13,6 +13,7 @@ import pytest
 from conftest import REPO, kill_when
 from rlhf import grpo, rloo
 from rlhf.cli import main as cli
+from rlhf.manifest import read_jsonl_log
 from rlhf.stage import COMPLETE_MARKER, complete_checkpoints
 
 GOLD_FUNCTION = "rlhf.tiny.task.gold_rewards"
@@ -126,3 +127,6 @@ def test_killed_grpo_resumes_from_its_last_complete_checkpoint(sft_run, reward_r
     assert f"resuming from {last_complete}" in result.stderr
     manifest = json.loads((output_dir / "manifest.json").read_text())
     assert manifest["metrics"]["steps"] == 12
+    # metrics.jsonl was cut back to the checkpoint, so each training step is logged once, as in an unbroken run.
+    logged_steps = [row["step"] for row in read_jsonl_log(output_dir / "metrics.jsonl") if "loss" in row]
+    assert logged_steps == sorted(set(logged_steps)) and logged_steps[-1] == 12 and len(logged_steps) >= 3

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from rlhf.manifest import read_jsonl_log
+
 from conftest import REPO
 
 pytest.importorskip("wandb")
@@ -67,13 +69,17 @@ def test_sft_logs_to_wandb_offline(tmp_path):
     run_cli(["sft", "--config", "recipes/tiny/sft.yaml", "--output_dir", str(output_dir), "--max_steps", "2",
              "--logging_steps", "1", "--max_train_samples", "32", "--eval_data", "", "--gold_eval_prompts", "",
              "--save_merged", "false", "--report_to", "wandb"], tmp_path)
-    # Every logged step reached wandb with the values the trainer logged (its log history, kept in the checkpoint).
+    # Every logged step reached wandb and metrics.jsonl with the values the trainer logged (its log history, kept
+    # in the checkpoint).
     rows = [row for row in wandb_history(output_dir / "logs") if "train/loss" in row]
     state = json.loads((output_dir / "checkpoints" / "checkpoint-2" / "trainer_state.json").read_text())
     logged = [entry for entry in state["log_history"] if "loss" in entry]
-    assert [row["train/global_step"] for row in rows] == [entry["step"] for entry in logged] == [1, 2]
+    metrics = [row for row in read_jsonl_log(output_dir / "metrics.jsonl") if "loss" in row]
+    assert ([row["train/global_step"] for row in rows] == [entry["step"] for entry in logged]
+            == [row["step"] for row in metrics] == [1, 2])
     for key in ("loss", "grad_norm", "learning_rate"):
         assert [row[f"train/{key}"] for row in rows] == pytest.approx([entry[key] for entry in logged]), key
+        assert [row[key] for row in metrics] == pytest.approx([entry[key] for entry in logged]), key
     assert not list((output_dir / "checkpoints").rglob("*.wandb"))  # under logs/, not in the checkpoints
 
 

@@ -252,15 +252,6 @@ def without_steps(config: dict) -> dict:
     return {**config, "training": {key: value for key, value in config["training"].items() if key != "steps"}}
 
 
-def truncate_metrics_log(path: Path, last_step: int) -> None:
-    """Keep only the rows of steps up to last_step, the step the run resumes after."""
-    from rlhf.manifest import atomic_write, read_jsonl_log
-
-    if path.is_file():
-        kept = [row for row in read_jsonl_log(path) if row.get("step", 0) <= last_step]
-        atomic_write(path, "".join(json.dumps(row) + "\n" for row in kept))
-
-
 def rotate_checkpoints(checkpoint_root: Path, keep: int | None) -> None:
     """Delete all but the newest `keep` complete checkpoints (the newest is what a resume needs)."""
     import shutil
@@ -312,7 +303,7 @@ def main(argv: list[str] | None = None):
     from accelerate.utils import DistributedType
 
     from rlhf import data
-    from rlhf.manifest import config_hash, resolve_parent
+    from rlhf.manifest import config_hash, resolve_parent, truncate_jsonl_log
     from rlhf.models import stage_tokenizer
     from rlhf.ppo.layouts import POLICY, build_models
     from rlhf.processes import start_processes
@@ -402,7 +393,7 @@ def main(argv: list[str] | None = None):
     # Train
     log_path = output_dir / "metrics.jsonl"
     if accelerator.is_main_process:
-        truncate_metrics_log(log_path, start_step)  # steps after the checkpoint are trained (and logged) again
+        truncate_jsonl_log(log_path, start_step)  # steps after the checkpoint are trained (and logged) again
     from rlhf.evaluate.curve import gold_curve
 
     # The held-out gold curve (gold_curve_points): sampled by the main process, so not when the model is sharded.
