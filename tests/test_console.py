@@ -20,7 +20,9 @@ def run_sft(output_dir, *extra: str) -> list[str]:
     command = [sys.executable, "-m", "rlhf.cli", "sft", "--config", "recipes/tiny/sft.yaml", "--max_steps", "3",
                "--logging_steps", "2", "--max_eval_samples", "32", "--gold_eval_samples", "4",
                "--output_dir", str(output_dir), *extra]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    # Without the session's WANDB_MODE=offline, which transformers announces on import (a user's own setting).
+    env = {key: value for key, value in os.environ.items() if key != "WANDB_MODE"}
+    env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
     result = subprocess.run(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             timeout=300)
     assert result.returncode == 0, result.stdout

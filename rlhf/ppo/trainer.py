@@ -14,6 +14,7 @@ summed and whitening uses global statistics, so the update equals one process ho
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -319,6 +320,7 @@ def main(argv: list[str] | None = None):
     # As transformers' TrainingArguments: the flags, else the accelerate config's mixed_precision. PPO autocasts its
     # models itself (layouts.py), so the process-wide AcceleratorState is left as it is.
     precision = "bf16" if args.bf16 else "fp16" if args.fp16 else os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
+    requested = copy.copy(args)  # hashed as asked: the pipeline computes the same hash without an accelerator
     args.resolve_precision(precision, accelerator.device.type, distributed.sharded, model_args.dtype)
     output_dir = Path(args.output_dir)
 
@@ -327,7 +329,7 @@ def main(argv: list[str] | None = None):
     reward_manifest, reward_functions, reward_weights = reward_sources(args, prompt_records)
     reward_stats = reward_statistics(STAGE, reward_manifest, args.normalize_reward) if reward_manifest else None
     policy_parent = resolve_parent(model_args.init_from, PARENT_STAGES)
-    config = stage_config(model_args, data_args, args, parent=policy_parent)
+    config = stage_config(model_args, data_args, requested, parent=policy_parent)
     tokenizer = stage_tokenizer(policy_parent, model_args)
     reward_tokenizer = stage_tokenizer(reward_manifest, model_args) if reward_manifest else None
     records, prompt_ids = fit_prompts(prompt_records, tokenizer, args.max_prompt_length, data_args, accelerator.print)
@@ -469,7 +471,8 @@ def main(argv: list[str] | None = None):
     manifest = write_stage(
         STAGE, str(output_dir), model_args, data_args=data_args, config=config,
         base_model=policy_parent.base_model, parent=policy_parent, metrics=metrics, tokenizer=tokenizer,
-        extra={"layout": models.layout, "reference": "parent policy: "
+        extra={"layout": models.layout, "precision": precision,
+               "logprobs_from_generation": args.logprobs_from_generation, "reference": "parent policy: "
                + ("the shared base with every adapter disabled" if models.layout == "shared" else "a separate frozen copy"),
                "reward_model": str(Path(args.reward_source).resolve()) if reward_manifest else None,
                "rewards": (["reward_model"] if reward_manifest else []) + [f.__name__ for f in reward_functions],

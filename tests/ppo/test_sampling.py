@@ -15,7 +15,7 @@ def test_sampling_options_keep_the_first_minibatch_on_policy(sft_run, reward_run
     (recomputed in fp32 after bf16 or paged sampling; read during decoding with the static cache) equal the update's."""
     manifest = short_ppo_run(sft_run, reward_run, tmp_path / "run", "--steps", "2", "--mini_batch_size", "8", *flags)
     recomputed = "--generation_engine" not in flags or "paged" in flags
-    assert manifest.config["training"]["logprobs_from_generation"] is not recomputed
+    assert manifest.extra["logprobs_from_generation"] is not recomputed
     rows = metrics_rows(tmp_path / "run")
     assert len(rows) == 2
     for row in rows:

@@ -385,7 +385,7 @@ def test_bf16_run_is_on_policy_at_the_first_minibatch(sft_run, reward_run, tmp_p
     the default in bf16) equal the update's."""
     manifest = short_ppo_run(sft_run, reward_run, tmp_path / "bf16", "--steps", "3", "--bf16", "true",
                          "--mini_batch_size", "8")
-    assert manifest.config["training"]["bf16"] and manifest.config["training"]["logprobs_from_generation"] is False
+    assert manifest.extra["precision"] == "bf16" and manifest.extra["logprobs_from_generation"] is False
     rows = metrics_rows(tmp_path / "bf16")
     assert len(rows) == 3
     for row in rows:
