@@ -284,12 +284,13 @@ def mergeable_lora_layers(peft_model, adapter: str) -> list | None:
 
 
 @contextmanager
-def lora_merged(peft_model, adapter: str):
+def lora_merged(peft_model, adapter: str, dtype=None):
     """Run `peft_model` as plain linears with `adapter` folded into fresh weight tensors: no per-layer LoRA branch,
     which dominates the cost of token-by-token decoding on CPU. The original weight tensors are put back untouched
     (peft's unmerge subtracts, and would drift the shared base that is also the reference). Falls back to the
     unmerged model where merging is not exact (see mergeable_lora_layers). The merged copy lives only inside the
-    `with` block."""
+    `with` block. `dtype`: make the merged tensors in this dtype (for sampling under autocast to it, which would
+    round them the same way at every step)."""
     import torch
 
     layers = mergeable_lora_layers(peft_model, adapter)
@@ -303,6 +304,7 @@ def lora_merged(peft_model, adapter: str):
                 base = layer.get_base_layer()
                 originals.append((base, base.weight))
                 merged = base.weight + layer.get_delta_weight(adapter).to(base.weight.dtype)
+                merged = merged.to(dtype or merged.dtype)
                 base.weight = torch.nn.Parameter(merged, requires_grad=False)
         with peft_model.disable_adapter():
             yield True

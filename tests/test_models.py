@@ -80,6 +80,19 @@ def test_lora_merged_runs_plain_weights_and_restores_the_base_exactly():
         original, copy = base[name]
         assert parameter is original and torch.equal(parameter, copy), name
 
+    # Merged in bf16 for sampling under bf16 autocast: the same numbers autocast would make of the fp32 merge, and
+    # the fp32 originals come back.
+    with torch.no_grad():
+        with torch.autocast("cpu", dtype=torch.bfloat16), lora_merged(model, "default") as merged:
+            autocast_fp32_merge = model(input_ids=ids).logits
+        with torch.autocast("cpu", dtype=torch.bfloat16), lora_merged(model, "default", torch.bfloat16) as merged:
+            lora_layers = [module for module in model.modules() if hasattr(module, "lora_A")]
+            assert merged and all(module.get_base_layer().weight.dtype == torch.bfloat16 for module in lora_layers)
+            bf16_merge = model(input_ids=ids).logits
+    assert torch.equal(bf16_merge, autocast_fp32_merge)
+    assert all(parameter is base[name][0] and parameter.dtype == torch.float32
+               for name, parameter in model.named_parameters())
+
     with lora_merged(model.to(torch.bfloat16), "default") as merged:
         assert not merged  # bf16 would round the update away: generation keeps the LoRA branch
 

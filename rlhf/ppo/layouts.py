@@ -82,6 +82,9 @@ class Roles(nn.Module):
     policy_logits_and_values = _role("policy_logits_and_values")
     scores = _role("scores")
     autocast_dtype: torch.dtype | None = None  # mixed precision (use_mixed_precision); None: the weights' own dtype
+    # sampling_dtype: the merged policy weights sampling reads are made in this dtype (generate() samples under
+    # autocast to it), so decoding does not cast every weight again at every step
+    sampling_dtype: torch.dtype | None = None
 
     def forward(self, role: str | None, *args, **kwargs):
         # role None runs nothing: a first forward through the root sets FSDP up before generation runs the blocks
@@ -255,7 +258,7 @@ class SharedBaseModels(Roles):
         """The policy as sampling uses it (its LoRA merged); generate and generate_batch run inside."""
         self._use(POLICY)
         try:
-            with lora_merged(self.model, POLICY), self.autocast():
+            with lora_merged(self.model, POLICY, self.sampling_dtype), self.autocast():
                 yield self.model
         finally:
             self._active = None  # lora_merged disables the adapters around generation; see reference_logits
@@ -322,7 +325,7 @@ class SeparateModels(Roles):
 
     @contextmanager
     def sampling(self):
-        with lora_merged(self.policy, "default"), self.autocast():
+        with lora_merged(self.policy, "default", self.sampling_dtype), self.autocast():
             yield self.policy
 
     def get_output_embeddings(self):

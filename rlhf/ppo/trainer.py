@@ -365,6 +365,7 @@ def main(argv: list[str] | None = None):
     models = build_models(args.layout, policy_parent, reward_manifest, model_args, args.value_init, args.critic)
     models.to(accelerator.device).eval()  # eval: dropout off, so rollout and update log-probs agree
     models.use_mixed_precision(torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else None)
+    models.sampling_dtype = getattr(torch, args.sampling_dtype) if args.sampling_dtype else None
     if args.gradient_checkpointing:
         models.enable_gradient_checkpointing()
     distributed.prepare(models, models.policy_parameters() + models.value_parameters())
