@@ -13,6 +13,8 @@ trainer's progress bar and log dicts) is silenced unless the stage runs with `--
 
 from __future__ import annotations
 
+import os
+import sys
 import warnings
 
 from transformers import TrainerCallback
@@ -43,23 +45,30 @@ def start(verbose: bool) -> None:
     """Silence library output for this process (or, verbose, give the libraries back their defaults). Called first
     thing by every stage, before any data or model loads."""
     global _verbose
-    import datasets
     import huggingface_hub.utils
     import transformers.utils.logging as transformers_logging
 
+    # PPO never needs datasets: importing it only to quiet it would cost every PPO process ~60 MiB (pandas, pyarrow).
+    # Not yet imported, it reads the same settings from the environment when it is.
+    datasets = sys.modules.get("datasets")
     _verbose = verbose
     if verbose:
         transformers_logging.set_verbosity_warning()
         transformers_logging.enable_progress_bar()
-        datasets.utils.logging.set_verbosity_warning()
-        datasets.enable_progress_bars()
+        if datasets is not None:
+            datasets.utils.logging.set_verbosity_warning()
+            datasets.enable_progress_bars()
         huggingface_hub.utils.enable_progress_bars()
         library_warnings("default")
         return
     transformers_logging.set_verbosity_error()  # load reports ("newly initialized: score.weight"), advice
     transformers_logging.disable_progress_bar()  # "Loading weights", "Writing model shards"
-    datasets.utils.logging.set_verbosity_error()
-    datasets.disable_progress_bars()  # TRL's "Tokenizing train dataset" and every map/filter
+    if datasets is not None:
+        datasets.utils.logging.set_verbosity_error()
+        datasets.disable_progress_bars()  # TRL's "Tokenizing train dataset" and every map/filter
+    else:
+        os.environ.setdefault("DATASETS_VERBOSITY", "error")
+        os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
     huggingface_hub.utils.disable_progress_bars()  # downloads and uploads
     library_warnings("ignore")
 
