@@ -13,7 +13,6 @@ trainer's progress bar and log dicts) is silenced unless the stage runs with `--
 
 from __future__ import annotations
 
-import os
 import sys
 import warnings
 
@@ -41,16 +40,18 @@ def say(stage: str, text: str) -> None:
     print(f"[rlhf] {stage}: {text}", flush=True)
 
 
-def start(verbose: bool) -> None:
+def start(verbose: bool, uses_datasets: bool = True) -> None:
     """Silence library output for this process (or, verbose, give the libraries back their defaults). Called first
     thing by every stage, before any data or model loads."""
     global _verbose
     import huggingface_hub.utils
     import transformers.utils.logging as transformers_logging
 
-    # PPO never needs datasets: importing it only to quiet it would cost every PPO process ~60 MiB (pandas, pyarrow).
-    # Not yet imported, it reads the same settings from the environment when it is.
+    # PPO reads its files without datasets: importing it only to quiet it would cost every PPO process ~60 MiB
+    # (pandas, pyarrow). The TRL stages import it with trl anyway.
     datasets = sys.modules.get("datasets")
+    if datasets is None and uses_datasets:
+        import datasets
     _verbose = verbose
     if verbose:
         transformers_logging.set_verbosity_warning()
@@ -66,9 +67,6 @@ def start(verbose: bool) -> None:
     if datasets is not None:
         datasets.utils.logging.set_verbosity_error()
         datasets.disable_progress_bars()  # TRL's "Tokenizing train dataset" and every map/filter
-    else:
-        os.environ.setdefault("DATASETS_VERBOSITY", "error")
-        os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
     huggingface_hub.utils.disable_progress_bars()  # downloads and uploads
     library_warnings("ignore")
 

@@ -361,7 +361,7 @@ def start_stage(stage: str, stage_args, output_dir: str | None):
     (rlhf.hub.HubTarget) or None."""
     from rlhf import console, hub
 
-    console.start(stage_args.verbose)
+    console.start(stage_args.verbose, uses_datasets=stage != "ppo")
     require(output_dir, "output_dir", stage)
     return hub.push_target(stage_args, output_dir)
 
