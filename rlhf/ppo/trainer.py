@@ -434,7 +434,7 @@ def main(argv: list[str] | None = None):
             metrics.update(held_out.evaluate(models, tokenizer, reward_tokenizer, args, reward_stats, distributed,
                                              reward_functions, reward_weights))
             if curve:  # the evaluation is not training time on the gold curve either
-                curve.started += metrics["time/eval"]
+                curve.leave_out(metrics["time/eval"])
         kl_control.update(metrics["kl/sequence"], args.rollout_batch_size * accelerator.num_processes)
         if not all(math.isfinite(value) for key, value in metrics.items() if key != "value/explained_variance"):
             raise StageError(f"ppo: non-finite metrics at step {step + 1} ({metrics}); last good checkpoint: "
