@@ -139,3 +139,23 @@ def test_paged_engine_refuses_what_it_cannot_hand_back():
                  return_logprobs=True)
     with pytest.raises(ValueError, match="expected one of dynamic, static, paged"):
         generate(tiny_llama(vocab=24), NumberTokenizer(), [[3, 4]], max_new_tokens=4, engine="vllm")
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="the peak resident set is read from Linux /proc")
+def test_paged_cache_is_sized_to_the_batch_not_to_free_memory():
+    # Left to itself, transformers sizes the paged cache to 90% of free memory: 11 GB of RAM for this model on the
+    # CPU (all of a GPU that PPO's training still needs). A fresh process, so its peak holds nothing of other tests.
+    script = (
+        "import sys; sys.path.insert(0, 'tests')\n"
+        "from test_generation import NumberTokenizer, tiny_llama\n"
+        "from rlhf.generation import generate\n"
+        "from rlhf.processes import resident_mib\n"
+        "model, prompts = tiny_llama(vocab=24), [[3, 4, 5, 6], [7], [8, 3], [5, 5, 5]]\n"
+        "generate(model, NumberTokenizer(), prompts, max_new_tokens=16)\n"
+        "before = resident_mib()[1]\n"
+        "sample = generate(model, NumberTokenizer(), prompts, max_new_tokens=16, engine='paged')\n"
+        "print(len(sample.texts), resident_mib()[1] - before)\n")
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    responses, growth_mib = run.stdout.split()[-2:]
+    assert int(responses) == 4 and float(growth_mib) < 200

@@ -392,6 +392,11 @@ def main(argv: list[str] | None = None):
         for _ in range(start_step):
             scheduler.step()
         accelerator.print(f"[rlhf] ppo: resuming from {last} (step {start_step})")
+    per_step = args.rollout_batch_size * accelerator.num_processes
+    if accelerator.is_main_process:
+        resumed = f", from step {start_step}" if start_step else ""
+        console.say(STAGE, f"training {args.steps} steps on {len(prompts)} prompts ({per_step} per step, "
+                           f"{args.steps * per_step / len(prompts):.2g} passes){resumed}")
 
     # Train
     log_path = output_dir / "metrics.jsonl"
@@ -405,6 +410,7 @@ def main(argv: list[str] | None = None):
         curve = gold_curve(data_args, str(output_dir), args.steps, args.seed)
     if curve:
         curve.start(start_step)
+    training_started = time.perf_counter()
     progress = tqdm(range(start_step, args.steps), initial=start_step, total=args.steps, desc="ppo",
                     disable=not accelerator.is_local_main_process or not console.is_verbose())
     for step in progress:
@@ -435,7 +441,7 @@ def main(argv: list[str] | None = None):
                                              reward_functions, reward_weights))
             if curve:  # the evaluation is not training time on the gold curve either
                 curve.leave_out(metrics["time/eval"])
-        kl_control.update(metrics["kl/sequence"], args.rollout_batch_size * accelerator.num_processes)
+        kl_control.update(metrics["kl/sequence"], per_step)
         if not all(math.isfinite(value) for key, value in metrics.items() if key != "value/explained_variance"):
             raise StageError(f"ppo: non-finite metrics at step {step + 1} ({metrics}); last good checkpoint: "
                               f"{latest_checkpoint(checkpoint_root)}. Lower learning_rate or check the rewards.")
@@ -456,6 +462,8 @@ def main(argv: list[str] | None = None):
 
     # Save: the policy adapter (plain LoRA folder), the value adapter + head for further training, then the manifest.
     accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        console.say(STAGE, f"trained {args.steps - start_step} steps in {time.perf_counter() - training_started:.1f} s")
     trainable_state = save_checkpoint(models, optimizer, distributed, args.steps, kl_control.value, checkpoint_root,
                                       scaler)
     if not accelerator.is_main_process:

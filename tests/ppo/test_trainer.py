@@ -106,11 +106,15 @@ def test_reward_functions_alone_load_no_reward_model(sft_run, layout, copies):
         build_models(layout, sft_run, None, ModelArgs(), value_init="reward")
 
 
-def test_resume_continues_exactly_like_an_uninterrupted_run(sft_run, reward_run, tmp_path):
+def test_resume_continues_exactly_like_an_uninterrupted_run(sft_run, reward_run, tmp_path, capsys):
     constant = ["--lr_scheduler", "constant"]  # so stopping at step 2 changes nothing but the stop
     short_ppo_run(sft_run, reward_run, tmp_path / "straight", "--steps", "3", *constant)
+    assert "[rlhf] ppo: training 3 steps on 512 prompts (8 per step, 0.047 passes)\n" in capsys.readouterr().out
     short_ppo_run(sft_run, reward_run, tmp_path / "resumed", "--steps", "2", "--save_steps", "1", *constant)
     short_ppo_run(sft_run, reward_run, tmp_path / "resumed", "--steps", "3", "--save_steps", "1", *constant)  # from step 2
+    resumed_output = capsys.readouterr().out
+    assert "training 3 steps on 512 prompts (8 per step, 0.047 passes), from step 2" in resumed_output
+    assert "[rlhf] ppo: trained 1 steps in" in resumed_output
     straight, resumed = metrics_rows(tmp_path / "straight"), metrics_rows(tmp_path / "resumed")
     assert [m["step"] for m in resumed] == [1, 2, 3]
     for key in ("score/raw", "kl/sequence", "loss/policy", "loss/value"):
