@@ -49,6 +49,12 @@ class ModelArgs:
         default=None,
         metadata={"help": "Output folder of the parent stage (e.g. runs/tiny/sft); its manifest gives base and adapter."},
     )
+    model_revision: str = field(
+        default="main",
+        metadata={"help": "Hub revision (branch, tag or commit) of model_name_or_path. Another than main is fetched "
+                          "(offline: read from the hub cache) as a snapshot folder at that commit, which the manifest "
+                          "records, so every later stage loads the same weights whatever the branch does next."},
+    )
     trust_remote_code: bool = field(
         default=False, metadata={"help": "Run modelling code shipped with the model. Off unless you trust it."}
     )
@@ -276,15 +282,13 @@ def _read_recipe(path: str, dataclass_types) -> tuple[dict, set[str]]:
     env = recipe.pop("env", {})
     if not isinstance(env, dict):
         raise ConfigError(f"recipe {path}: 'env' must be a mapping of VARIABLE: value")
-    from rlhf.trl_names import NO_OP_KEYS, aliases_for, canonical, did_you_mean
+    from rlhf.trl_names import aliases_for, canonical, did_you_mean
 
     known = _field_types(dataclass_types)
     aliases = aliases_for(known)
     for key, value in list(recipe.items()):
-        if key in NO_OP_KEYS:
-            continue
         if aliases.get(key, key) not in known:
-            hint = did_you_mean(key, [*known, *aliases, *NO_OP_KEYS], show=repr)
+            hint = did_you_mean(key, [*known, *aliases], show=repr)
             hint = f" {hint[:1].upper()}{hint[1:]}{'' if hint.endswith('?') else '.'}" if hint else ""
             raise ConfigError(f"recipe {path}: unknown key '{key}'.{hint} Run with --help to list the keys.")
         annotation, _ = known[aliases.get(key, key)]

@@ -72,8 +72,11 @@ def hub_name(value: str | None) -> str | None:
 def base_hub_name(base_model: str) -> str | None:
     """The hub name of a stage's base model: itself, or for a local folder the `_name_or_path` its config.json
     kept from the hub model it was saved from."""
-    if not Path(base_model).is_dir():
+    folder = Path(base_model)
+    if not folder.is_dir():
         return hub_name(base_model)
+    if folder.parent.name == "snapshots" and folder.parent.parent.name.startswith("models--"):
+        return folder.parent.parent.name.removeprefix("models--").replace("--", "/", 1)  # a pinned model_revision
     try:
         return hub_name(json.loads((Path(base_model) / "config.json").read_text()).get("_name_or_path"))
     except (OSError, json.JSONDecodeError):

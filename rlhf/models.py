@@ -135,11 +135,49 @@ def resolve_start(model_args: ModelArgs, parent_stages: tuple[str, ...]) -> tupl
     """Base model path and (if starting from a parent stage) the parent's manifest."""
     if bool(model_args.model_name_or_path) == bool(model_args.init_from):
         raise ConfigError("set exactly one of model_name_or_path (a base model) or init_from (a parent stage folder)")
+    check_revision(model_args)
     if model_args.model_name_or_path:
         check_model_path(model_args.model_name_or_path)
+        if model_args.model_revision != "main":
+            return pinned_snapshot(model_args.model_name_or_path, model_args.model_revision,
+                                   model_args.trust_remote_code), None
         return model_args.model_name_or_path, None
     parent = resolve_parent(model_args.init_from, parent_stages)
     return parent.base_model, parent
+
+
+def check_revision(model_args: ModelArgs) -> None:
+    """model_revision pins a hub model named by model_name_or_path; a parent stage or a local folder has no other."""
+    if model_args.model_revision == "main":
+        return
+    if model_args.init_from or not model_args.model_name_or_path:
+        raise ConfigError(f"model_revision {model_args.model_revision!r}: a stage started from init_from loads the base "
+                          "its parent stage recorded; set model_revision on the stage that names model_name_or_path")
+    if Path(model_args.model_name_or_path).exists():
+        raise ConfigError(f"model_revision {model_args.model_revision!r}: {model_args.model_name_or_path} is a local "
+                          "folder, which has no revisions; give a hub name, or leave model_revision at main")
+
+
+# What a pinned snapshot fetches: configs, safetensors weights, tokenizer files; code only when it may run.
+SNAPSHOT_FILES = ["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja", "*.tiktoken"]
+
+
+def pinned_snapshot(name: str, revision: str, trust_remote_code: bool = False) -> str:
+    """The local folder of hub model `name` at `revision`: downloaded, or offline read from the hub cache. Its path
+    (…/models--org--name/snapshots/<commit>) becomes the stage's base_model, so later stages load that commit."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError
+
+    try:
+        return snapshot_download(name, revision=revision,
+                                 allow_patterns=SNAPSHOT_FILES + (["*.py"] if trust_remote_code else []))
+    except RevisionNotFoundError:
+        raise ConfigError(f"model {name}: the hub has no revision {revision!r} (model_revision)") from None
+    except RepositoryNotFoundError:
+        raise ConfigError(f"model {name}: no such model on the hub (or it is private: log in with hf auth login)") from None
+    except LocalEntryNotFoundError:
+        raise ConfigError(f"model {name}: revision {revision!r} is not in the hub cache and the hub cannot be reached "
+                          "(offline); fetch it once online, or give the folder it was saved to") from None
 
 
 def stage_head(manifest: Manifest) -> str:

@@ -435,6 +435,8 @@ def stage_config(model_args: ModelArgs, data_args: DataArgs, training_args, stag
     # TRL's GRPO/RLOO configs fill an unset generation_batch_size from the number of processes, so the pipeline (one
     # process) and the launched stage (N) would hash different values; the settings it is made of are hashed.
     config["training"].pop("generation_batch_size", None)
+    if config["model"].get("model_revision") == "main":  # the default: hashes from before the key existed still match
+        config["model"].pop("model_revision")
     reward_model = getattr(training_args, "reward_source", None) or getattr(stage_args, "reward_source", None)
     from rlhf.manifest import MANIFEST_NAME
 

@@ -26,8 +26,6 @@ ALIASES = {
     "max_completion_length": ("max_new_tokens",),
     "reward_model_path": ("reward_model",),
 }
-# TRL keys with no counterpart here, accepted at the value that changes nothing (handbook recipes write them out).
-NO_OP_KEYS = {"model_revision": "main"}
 # TRL keys PPO counts differently, each with the PPO key that marks a command as PPO and what to set instead.
 UNMAPPED_HINTS = {
     "per_device_train_batch_size": ("rollout_batch_size", "PPO sizes batches in rollouts: set rollout_batch_size "
@@ -55,11 +53,6 @@ def canonical(pairs, aliases: dict[str, str], where: str, show) -> tuple[list, s
     seen: dict[str, tuple[str, object]] = {}
     result, used = [], set()
     for name, value in pairs:
-        if name in NO_OP_KEYS:
-            if str(value) != NO_OP_KEYS[name]:
-                raise ConfigError(f"{where}{show(name)}: only {NO_OP_KEYS[name]!r} is supported, got {value!r}; "
-                                  "download that revision and give its folder as model_name_or_path")
-            continue
         target = aliases.get(name, name)
         if target in seen and seen[target][0] != name and seen[target][1] != value:
             raise ConfigError(f"{where}{show(seen[target][0])} and {show(name)} are the same setting ({target}) with "
@@ -103,8 +96,8 @@ def canonical_flags(args: list[str], parser, aliases: dict[str, str]) -> tuple[l
                                   if f"no_{target}" in options}}
     groups = flag_groups(args)
     for name, _, _ in groups:
-        if name is not None and name not in NO_OP_KEYS and flag_aliases.get(name, name) not in options:
-            hint = did_you_mean(name, [*options, *flag_aliases, *NO_OP_KEYS], show=lambda item: f"--{item}")
+        if name is not None and flag_aliases.get(name, name) not in options:
+            hint = did_you_mean(name, [*options, *flag_aliases], show=lambda item: f"--{item}")
             raise ConfigError(f"unknown option --{name}{'; ' + hint if hint else ''} (--help lists the options)")
     # Values compare as written after the flag (--x=1 and --x 1 agree).
     _, used = canonical([(name, " ".join(values)) for name, values, _ in groups if name is not None], flag_aliases,
@@ -113,7 +106,7 @@ def canonical_flags(args: list[str], parser, aliases: dict[str, str]) -> tuple[l
     for name, values, equals in groups:
         if name is None:
             tokens += values
-        elif name not in NO_OP_KEYS:
+        else:
             name = flag_aliases.get(name, name)
             tokens += [f"--{name}={values[0]}"] if equals else [f"--{name}", *values]
     return tokens, used

@@ -254,7 +254,6 @@ def test_eval_commands_take_trl_data_names():
      r"^--dataset_name and --train_data are the same setting \(train_data\) with different values "
      r"\('a.jsonl' and 'b.jsonl'\): give one of them$"),
     ("", ["--max_steps", "3", "--steps", "4"], r"^--max_steps and --steps are the same setting \(steps\)"),
-    ("model_revision: v2.0\n", [], r"^recipe .*: 'model_revision': only 'main' is supported, got 'v2.0'"),
 ])
 def test_a_trl_name_and_ours_with_different_values_are_refused(tmp_path, recipe, flags, pattern):
     config = ["--config", write(tmp_path, recipe)] if recipe else []

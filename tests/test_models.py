@@ -203,3 +203,66 @@ def test_saved_adapter_loads_from_any_working_directory(sft_run, tmp_path, monke
     monkeypatch.chdir(tmp_path)
     model = AutoPeftModelForCausalLM.from_pretrained(str(adapter))
     assert model.peft_config["default"].base_model_name_or_path == base
+
+
+# --------------------------------------------------------------------------- model_revision
+
+SHA_MAIN, SHA_V2 = "a" * 40, "b" * 40
+
+
+def fake_hub_cache(root: Path) -> Path:
+    """A hub cache as huggingface_hub lays it out, holding tiny-org/tiny-llm at two commits: main is the tiny base,
+    the tag v2 a randomly initialised model of the same shape (an untrained model's loss is far higher)."""
+    import shutil
+
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    repo = root / "models--tiny-org--tiny-llm"
+    shutil.copytree(TINY_BASE, repo / "snapshots" / SHA_MAIN)
+    shutil.copytree(TINY_BASE, repo / "snapshots" / SHA_V2)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(TINY_BASE)).save_pretrained(repo / "snapshots" / SHA_V2)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(SHA_MAIN)
+    (repo / "refs" / "v2").write_text(SHA_V2)
+    return root
+
+
+def test_pinned_revision_resolves_offline_from_the_hub_cache(tmp_path, monkeypatch):
+    import huggingface_hub.constants
+
+    from rlhf.models import pinned_snapshot
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(fake_hub_cache(tmp_path)))
+    assert Path(pinned_snapshot("tiny-org/tiny-llm", "v2")).name == SHA_V2  # a tag, through refs/
+    assert Path(pinned_snapshot("tiny-org/tiny-llm", SHA_MAIN)).name == SHA_MAIN  # a commit
+    with pytest.raises(ConfigError, match=r"revision 'v3' is not in the hub cache and the hub cannot be reached"):
+        pinned_snapshot("tiny-org/tiny-llm", "v3")
+
+
+def test_stage_trains_the_pinned_revision_and_records_its_commit(tmp_path, monkeypatch):
+    import huggingface_hub.constants
+
+    from rlhf import sft
+    from rlhf.hub import base_hub_name
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(fake_hub_cache(tmp_path / "hub")))
+    quick = ["--config", "recipes/tiny/sft.yaml", "--model_name_or_path", "tiny-org/tiny-llm", "--max_steps", "2",
+             "--logging_steps", "1", "--save_strategy", "no", "--eval_data", "", "--gold_eval_prompts", "",
+             "--save_merged", "false"]
+    main = sft.main(quick + ["--output_dir", str(tmp_path / "main")])
+    pinned = sft.main(quick + ["--output_dir", str(tmp_path / "v2"), "--model_revision", "v2"])
+    assert main.base_model == "tiny-org/tiny-llm"  # main: loaded by name, as before
+    assert Path(pinned.base_model).name == SHA_V2 and pinned.config["model"]["model_revision"] == "v2"
+    assert base_hub_name(pinned.base_model) == "tiny-org/tiny-llm"  # what the model card's front matter names
+    # It trained the v2 weights: an untrained model's loss (about ln 642 = 6.5) against the tiny base's.
+    assert pinned.metrics["train_loss"] > 5 > 3 > main.metrics["train_loss"]
+
+
+def test_revision_applies_only_to_a_hub_model(tmp_path):
+    from rlhf.models import resolve_start
+
+    with pytest.raises(ConfigError, match="a stage started from init_from loads the base its parent stage recorded"):
+        resolve_start(ModelArgs(init_from=str(tmp_path), model_revision="v2"), ("sft",))
+    with pytest.raises(ConfigError, match="is a local folder, which has no revisions"):
+        resolve_start(ModelArgs(model_name_or_path=TINY_BASE, model_revision="v2"), ("sft",))

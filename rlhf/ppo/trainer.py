@@ -305,7 +305,7 @@ def main(argv: list[str] | None = None):
 
     from rlhf import data
     from rlhf.manifest import config_hash, resolve_parent, truncate_jsonl_log
-    from rlhf.models import stage_tokenizer
+    from rlhf.models import check_revision, stage_tokenizer
     from rlhf.ppo.layouts import POLICY, build_models
     from rlhf.processes import start_processes
     from rlhf.rewards import record_columns, reward_statistics
@@ -328,6 +328,7 @@ def main(argv: list[str] | None = None):
     prompt_records = data.load_train(data_args, "prompt")
     reward_manifest, reward_functions, reward_weights = reward_sources(args, prompt_records)
     reward_stats = reward_statistics(STAGE, reward_manifest, args.normalize_reward) if reward_manifest else None
+    check_revision(model_args)
     policy_parent = resolve_parent(model_args.init_from, PARENT_STAGES)
     config = stage_config(model_args, data_args, requested, parent=policy_parent)
     tokenizer = stage_tokenizer(policy_parent, model_args)
