@@ -206,7 +206,8 @@ def _generate_paged(model, prompt_ids: list[list[int]], max_new_tokens: int, sto
     model's batch take 5 s instead of 0.6 s)."""
     from transformers import ContinuousBatchingConfig
 
-    page_size = ContinuousBatchingConfig().page_size
+    defaults = ContinuousBatchingConfig()
+    page_size = getattr(defaults, "page_size", None) or defaults.block_size  # block_size in transformers <= 5.17
     blocks = sum(-(-(len(prompt) + max_new_tokens) // page_size) for prompt in prompt_ids)  # whole pages per request
     # Every prompt's prefill fits one forward (at most transformers' own default of 8192 tokens).
     batch_tokens = min(max(sum(len(prompt) for prompt in prompt_ids), len(prompt_ids)), 8192)

@@ -174,7 +174,7 @@ def pinned_snapshot(name: str, revision: str, trust_remote_code: bool = False) -
     except RevisionNotFoundError:
         raise ConfigError(f"model {name}: the hub has no revision {revision!r} (model_revision)") from None
     except RepositoryNotFoundError:
-        raise ConfigError(f"model {name}: no such model on the hub (or it is private: log in with hf auth login)") from None
+        raise ConfigError(f"model {name}: no such model on the hub (if it is private, log in: hf auth login)") from None
     except LocalEntryNotFoundError:
         raise ConfigError(f"model {name}: revision {revision!r} is not in the hub cache and the hub cannot be reached "
                           "(offline); fetch it once online, or give the folder it was saved to") from None

@@ -25,6 +25,9 @@ ALIASES = {
     "response_length": ("max_new_tokens",),
     "max_completion_length": ("max_new_tokens",),
     "reward_model_path": ("reward_model",),
+    # transformers' newer TrainingArguments name: where the installed release (5.17 and before) has only the old one,
+    # recipes written for the newer name still run.
+    "activation_checkpointing": ("gradient_checkpointing",),
 }
 # TRL keys PPO counts differently, each with the PPO key that marks a command as PPO and what to set instead.
 UNMAPPED_HINTS = {

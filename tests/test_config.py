@@ -225,6 +225,20 @@ def test_trl_names_on_the_command_line_fill_our_keys():
     assert model_args.lora_target_modules == ["q_proj", "v_proj"]
 
 
+def test_activation_checkpointing_runs_where_transformers_still_calls_it_gradient_checkpointing(tmp_path):
+    """transformers 5.17 (the GPU machines' release) has only gradient_checkpointing; the recipes use the newer name."""
+    from dataclasses import dataclass
+
+    @dataclass
+    class OlderTrainingArguments:
+        gradient_checkpointing: bool = True
+
+    (older,) = parse_args((OlderTrainingArguments,), ["--config", write(tmp_path, "activation_checkpointing: false\n")])
+    assert older.gradient_checkpointing is False
+    (older,) = parse_args((OlderTrainingArguments,), ["--activation_checkpointing", "false"])
+    assert older.gradient_checkpointing is False
+
+
 def test_ppo_takes_trl_training_names():
     *_, args = parse_args(ppo_types(), ["--max_steps", "3", "--num_ppo_epochs", "2", "--lr_scheduler_type", "cosine",
                                         "--response_length", "20", "--reward_model_path", "runs/r"])

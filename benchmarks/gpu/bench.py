@@ -71,7 +71,7 @@ SMOKE = {
     "tiny": ["--max_steps", "2", "--gold_eval_samples", "8", "--stats_samples", "16"],
     "caps": {name: 300 for name in ("matmul", "build", "stage_tiny", "ppo", "grpo", "tiny_cpu", "tiny_ppo",
                                     "generation")},
-    "generation": ["--batch", "4", "--new_tokens", "8", "--repeats", "1", "--engines", "dynamic", "static"],
+    "generation": ["--batch", "4", "--new_tokens", "8", "--repeats", "1", "--engines", "dynamic", "static", "paged"],
 }
 NOT_IN_CONFIG = ("architectures", "model_type", "bos_token_id", "eos_token_id", "pad_token_id", "transformers_version")
 
