@@ -191,8 +191,9 @@ def test_parse_args_checks_training_ranges(tmp_path):
 
 def test_parse_args_turns_a_trl_value_error_into_a_config_error(tmp_path):
     flags = ["--output_dir", str(tmp_path), *CPU_SAFE, "--warmup_steps", "-1"]
-    with pytest.raises(ConfigError, match=r"^rlhf sft: Got warmup_steps = -1(\.0)?, Expected value warmup_steps >= 0 "
-                                          r"\(from SFTConfig's checks of the settings\)$") as caught:
+    # transformers' own words for it vary by release (5.17: "warmup_steps must be an integer or a float").
+    with pytest.raises(ConfigError, match=r"^rlhf sft: .*warmup_steps.* \(from SFTConfig's checks of the settings\)$"
+                       ) as caught:
         parse_args(sft_types(), flags, prog="rlhf sft")
     assert caught.value.__cause__ is None and caught.value.__suppress_context__  # one message, not a chained traceback
 

@@ -114,10 +114,10 @@ class Roles(nn.Module):
 
     def enable_gradient_checkpointing(self) -> None:
         """Checkpoint every transformer block of the trained models (transformers' own checkpointing, non-reentrant,
-        so the frozen inputs need no requires_grad hook). transformers checkpoints a block only in training mode with
-        gradients on; the roles stay in eval mode (dropout off), so only the blocks themselves are flagged as
-        training, again after every train()/eval() (generate() and the gold curve call eval()). Rollouts and
-        generation run without gradients: no recompute, and the KV cache stays on."""
+        so the frozen inputs need no requires_grad hook). transformers checkpoints a block only in training mode;
+        the roles stay in eval mode (dropout off), and only the blocks themselves are flagged as training, only
+        inside `recomputing()` (the update). Rollouts and generation run outside it: no recompute, and the KV
+        cache stays on (transformers 5.17 drops the cache of a block flagged as training, even without gradients)."""
         from transformers.modeling_layers import GradientCheckpointingLayer
 
         blocks = []
@@ -136,8 +136,20 @@ class Roles(nn.Module):
     def train(self, mode: bool = True):
         super().train(mode)
         for block in self._checkpointed_blocks:
-            block.training = True  # the block only: its children (dropout, attention) keep `mode`
+            block.training = False  # the block only (its children keep `mode`): flagged in recomputing() alone
         return self
+
+    @contextmanager
+    def recomputing(self):
+        """The update's forward passes: checkpointed blocks (if any) save only their inputs and run again in the
+        backward pass."""
+        for block in self._checkpointed_blocks:
+            block.training = True
+        try:
+            yield
+        finally:
+            for block in self._checkpointed_blocks:
+                block.training = False
 
 
 class SharedBaseModels(Roles):

@@ -81,18 +81,20 @@ def update(models, optimizer, rollout: Rollout, args: PPOArgs, distributed: Dist
                     return ppo_math.value_loss(values, rollout.values[rows], rollout.returns[rows], mask,
                                                args.cliprange_value, tokens)
 
-                if models.shared_critic:  # one forward gives both, so one backward of the summed loss
-                    logprobs, logits, values = policy_logprobs_and_values(models, rollout, rows, args.temperature, grad=True)
-                    (pg_loss, pg_stats), (vf_loss, vf_stats) = policy_objective(logprobs), value_objective(values)
-                    backward(pg_loss + args.vf_coef * vf_loss)
-                else:
-                    # Policy and value share no trainable parameter, so backpropagating their losses one after the
-                    # other gives the gradients of the summed loss with one graph's activations alive at a time.
-                    logprobs, logits = policy_logprobs(models, rollout, rows, args.temperature, grad=True)
-                    pg_loss, pg_stats = policy_objective(logprobs)
-                    backward(pg_loss)
-                    vf_loss, vf_stats = value_objective(value_predictions(models, rollout, rows, grad=True))
-                    backward(args.vf_coef * vf_loss)
+                with models.recomputing():  # gradient_checkpointing: the blocks recompute in this backward only
+                    if models.shared_critic:  # one forward gives both, so one backward of the summed loss
+                        logprobs, logits, values = policy_logprobs_and_values(models, rollout, rows, args.temperature,
+                                                                              grad=True)
+                        (pg_loss, pg_stats), (vf_loss, vf_stats) = policy_objective(logprobs), value_objective(values)
+                        backward(pg_loss + args.vf_coef * vf_loss)
+                    else:
+                        # Policy and value share no trainable parameter, so backpropagating their losses one after the
+                        # other gives the gradients of the summed loss with one graph's activations alive at a time.
+                        logprobs, logits = policy_logprobs(models, rollout, rows, args.temperature, grad=True)
+                        pg_loss, pg_stats = policy_objective(logprobs)
+                        backward(pg_loss)
+                        vf_loss, vf_stats = value_objective(value_predictions(models, rollout, rows, grad=True))
+                        backward(args.vf_coef * vf_loss)
                 with torch.no_grad():
                     entropy = ppo_math.masked_mean(ppo_math.entropy_from_logits(logits), mask).item()
                 # Logged as this micro-batch's own token-means, comparable whatever the split.

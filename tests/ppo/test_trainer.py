@@ -450,8 +450,12 @@ def test_gradient_checkpointing_recomputes_the_update_only(sft_run, reward_run, 
     assert len(widths) == sample.response_ids.shape[1] and set(widths[1:]) == {1}  # prefill, then cached steps
     widths.clear()
     ids, mask = torch.cat([prompt_ids, response_ids], 1), torch.cat([prompt_mask, response_mask], 1)
-    models.policy_logits(ids, mask, position_ids_from_mask(mask)).float().mean().backward()
+    with models.recomputing():  # the update's forward passes
+        models.policy_logits(ids, mask, position_ids_from_mask(mask)).float().mean().backward()
     assert widths == [ids.shape[1]] * 2
+    widths.clear()
+    models.policy_logits(ids, mask, position_ids_from_mask(mask)).float().mean().backward()
+    assert widths == [ids.shape[1]]  # outside the update nothing is recomputed
 
 
 def test_fp16_update_skips_a_step_whose_gradients_overflow(sft_run, reward_run, tmp_path):
