@@ -269,13 +269,6 @@ class HubTarget:
     private: bool | None = None
 
 
-def _offline() -> bool:
-    from huggingface_hub import constants
-
-    # constants.HF_HUB_OFFLINE is read once at import; a recipe's env: section may set it later.
-    return constants.is_offline_mode() or os.environ.get("HF_HUB_OFFLINE", "").upper() in {"1", "ON", "YES", "TRUE"}
-
-
 def push_target(stage_args, output_dir: str) -> HubTarget | None:
     """Where a finished stage goes when `push_to_hub` is on, checked before anything trains: not offline, a
     token to push with (HF_TOKEN or `hf auth login`), a valid repo id."""
@@ -284,7 +277,9 @@ def push_target(stage_args, output_dir: str) -> HubTarget | None:
     from huggingface_hub import get_token
     from huggingface_hub.utils import HFValidationError, validate_repo_id
 
-    if _offline():
+    from rlhf.sources import hub_offline
+
+    if hub_offline():
         raise ConfigError("push_to_hub: HF_HUB_OFFLINE is set, so nothing can be uploaded; unset it, or set "
                           "push_to_hub: false")
     repo_id = stage_args.hub_model_id or Path(output_dir).resolve().name

@@ -165,12 +165,14 @@ SNAPSHOT_FILES = ["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja", "*.t
 def pinned_snapshot(name: str, revision: str, trust_remote_code: bool = False) -> str:
     """The local folder of hub model `name` at `revision`: downloaded, or offline read from the hub cache. Its path
     (…/models--org--name/snapshots/<commit>) becomes the stage's base_model, so later stages load that commit."""
-    from huggingface_hub import constants, snapshot_download
+    from huggingface_hub import snapshot_download
     from huggingface_hub.errors import LocalEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError
+
+    from rlhf.sources import hub_offline
 
     try:
         # Offline, the cache alone (huggingface_hub 1.x would otherwise list a commit's files on the hub first).
-        return snapshot_download(name, revision=revision, local_files_only=constants.is_offline_mode(),
+        return snapshot_download(name, revision=revision, local_files_only=hub_offline(),
                                  allow_patterns=SNAPSHOT_FILES + (["*.py"] if trust_remote_code else []))
     except RevisionNotFoundError:
         raise ConfigError(f"model {name}: the hub has no revision {revision!r} (model_revision)") from None

@@ -69,6 +69,14 @@ def read_located(source: str, split: str | None = None, config: str | None = Non
 _FILE_EXTENSION = re.compile(r"\.[A-Za-z]{2,8}$")
 
 
+def hub_offline() -> bool:
+    """HF_HUB_OFFLINE as it is now: huggingface_hub reads it once, at import, and a recipe's env: section (or a test)
+    may set it later."""
+    from huggingface_hub import constants
+
+    return constants.is_offline_mode() or os.environ.get("HF_HUB_OFFLINE", "").upper() in {"1", "ON", "YES", "TRUE"}
+
+
 def looks_like_path(source: str) -> bool:
     # Hub names look like "owner/name", so a single separator alone does not make a path, unless "owner" is a
     # local folder (data/missing is a typo'd path, not a dataset to fetch).

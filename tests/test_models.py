@@ -228,12 +228,19 @@ def fake_hub_cache(root: Path) -> Path:
     return root
 
 
-def test_pinned_revision_resolves_offline_from_the_hub_cache(tmp_path, monkeypatch):
+def use_hub_cache(monkeypatch, cache: Path) -> None:
+    """That cache, offline: huggingface_hub read HF_HUB_OFFLINE when first imported, maybe before conftest set it,
+    and would otherwise try the network (and wait for it) before falling back to the cache."""
     import huggingface_hub.constants
 
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+
+
+def test_pinned_revision_resolves_offline_from_the_hub_cache(tmp_path, monkeypatch):
     from rlhf.models import pinned_snapshot
 
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(fake_hub_cache(tmp_path)))
+    use_hub_cache(monkeypatch, fake_hub_cache(tmp_path))
     assert Path(pinned_snapshot("tiny-org/tiny-llm", "v2")).name == SHA_V2  # a tag, through refs/
     assert Path(pinned_snapshot("tiny-org/tiny-llm", SHA_MAIN)).name == SHA_MAIN  # a commit
     with pytest.raises(ConfigError, match=r"revision 'v3' is not in the hub cache and the hub cannot be reached"):
@@ -241,12 +248,10 @@ def test_pinned_revision_resolves_offline_from_the_hub_cache(tmp_path, monkeypat
 
 
 def test_stage_trains_the_pinned_revision_and_records_its_commit(tmp_path, monkeypatch):
-    import huggingface_hub.constants
-
     from rlhf import sft
     from rlhf.hub import base_hub_name
 
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(fake_hub_cache(tmp_path / "hub")))
+    use_hub_cache(monkeypatch, fake_hub_cache(tmp_path / "hub"))
     quick = ["--config", "recipes/tiny/sft.yaml", "--model_name_or_path", "tiny-org/tiny-llm", "--max_steps", "2",
              "--logging_steps", "1", "--save_strategy", "no", "--eval_data", "", "--gold_eval_prompts", "",
              "--save_merged", "false"]
