@@ -51,7 +51,7 @@ class ModelArgs:
     )
     model_revision: str = field(
         default="main",
-        metadata={"help": "Hub revision (branch, tag or commit) of model_name_or_path. Another than main is fetched "
+        metadata={"help": "Hub revision (branch, tag or commit) of model_name_or_path. Any other than main is fetched "
                           "(offline: read from the hub cache) as a snapshot folder at that commit, which the manifest "
                           "records, so every later stage loads the same weights whatever the branch does next."},
     )
