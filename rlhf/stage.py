@@ -397,6 +397,11 @@ def open_trl_output(stage: str, model_args: ModelArgs, data_args: DataArgs, trai
     lock, finished = open_output(stage, output_dir, config, stage_args.overwrite,
                                  push_to=push_target(stage_args, output_dir))
     if not finished:
+        # Seed before the model is built: the reward head, value head and LoRA weights are initialised before the
+        # trainer seeds itself, so without this two runs of one recipe start from different weights.
+        from transformers import set_seed
+
+        set_seed(training_args.seed)
         point_trackers(output_dir, stage_args.logging_dir)
         mixed = "bf16" if training_args.bf16 else "fp16" if training_args.fp16 else None
         say_header(stage, model_args, output_dir, mixed)

@@ -127,3 +127,21 @@ def test_pairs_longer_than_max_length_are_counted_and_all_too_long_fails_before_
     assert message and "of 48 pairs" in message[0], message
     dropped = int(message[0].split("reward: ")[1].split(" of ")[0])
     assert 0 < dropped < 48 and manifest.metrics["steps"] == 1
+
+
+def test_one_recipe_trains_the_same_reward_model_twice(sft_run, tmp_path):
+    """The score head and the LoRA weights are drawn before TRL's trainer seeds itself: the stage seeds first."""
+    from safetensors.torch import load_file
+
+    from rlhf import reward
+
+    def adapter_weights(name):
+        manifest = reward.main(["--config", "recipes/tiny/reward.yaml", "--init_from", sft_run.output_dir,
+                                "--output_dir", str(tmp_path / name), "--use_lora", "true", "--max_steps", "2",
+                                "--stats_samples", "0", "--eval_data", "", "--save_merged", "false"])
+        return load_file(manifest.path("adapter") + "/adapter_model.safetensors")
+
+    first, second = adapter_weights("first"), adapter_weights("second")
+    assert first.keys() == second.keys() and any(".score." in key for key in first)
+    for key in first:
+        assert torch.equal(first[key], second[key]), key
