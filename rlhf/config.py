@@ -104,14 +104,18 @@ class DataArgs:
                   "e.g. rlhf.tiny.task:gold_reward. Used for reports only, never for training."},
     )
     gold_eval_prompts: str | None = field(
-        default=None, metadata={"help": "Prompt file to sample from after training to report the gold reward."}
+        default=None, metadata={"help": "Held-out prompt file: sampled after training to report the gold reward (with "
+                                "gold_reward), and during training for gold_curve_points."}
     )
-    gold_eval_samples: int = field(default=64, metadata={"help": "How many prompts the gold-reward report samples."})
+    gold_eval_split: str = field(default="test", metadata={
+        "help": "Split to read when gold_eval_prompts is a hub dataset or a folder of splits."})
+    gold_eval_samples: int = field(default=64, metadata={"help": "How many of gold_eval_prompts are sampled."})
     gold_curve_points: int = field(
-        default=0, metadata={"help": "Policy stages: also sample gold_eval_prompts this many times during training, "
-                             "evenly spaced, into <output_dir>/gold_curve.jsonl (gold reward against training seconds, "
-                             "plotted by the pipeline). Its sampling has its own random state: training is unchanged. "
-                             "0 = off."})
+        default=0, metadata={"help": "Policy stages: also sample gold_eval_prompts at the start and this many times "
+                             "during training, evenly spaced, into <output_dir>/gold_curve.jsonl (the samples, and "
+                             "their gold reward when gold_reward is set). The pipeline scores them with its reward "
+                             "model and plots reward against training seconds. Its sampling has its own random state: "
+                             "training is unchanged. 0 (or no gold_eval_prompts) = off."})
     dataset_config: str | None = field(
         default=None, metadata={"help": "Hub dataset configuration (its 'subset', e.g. 'helpful-base'), passed to "
                                 "datasets.load_dataset(name, dataset_config); also picks a config of a local hub "

@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None):
         eval_dataset=data.to_dataset(eval_pairs) if eval_pairs else None,
         processing_class=tokenizer,
         peft_config=lora_config(model_args),
-        callbacks=stage_callbacks(output_dir, data_args),
+        callbacks=stage_callbacks(output_dir, data_args, gold_prompts),
     )
     train_result = train(trainer, STAGE, resume_from)
     metrics = training_metrics(trainer, train_result)

@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None, method: str = STAGE, description: str = 
         train_dataset=data.to_dataset(prompt_records),
         processing_class=tokenizer,
         peft_config=lora_config(model_args) if model_args.use_lora else None,
-        callbacks=stage_callbacks(output_dir, data_args),
+        callbacks=stage_callbacks(output_dir, data_args, gold_prompts),
     )
     train_result = train(trainer, method, resume_from)
     metrics = training_metrics(trainer, train_result)

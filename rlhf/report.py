@@ -2,12 +2,15 @@
 (DPO, PPO, GRPO, RLOO) side by side against SFT on held-out prompts (reward-model score and win-rate vs SFT, KL,
 length, EOS rate, wall time, peak memory; gold reward and win-rate by it when the recipes name a gold reward), a flag
 on possible reward hacking, plots of score against KL (PPO's training trajectory included) and of per-prompt score
-distributions, and the gold reward against training seconds. Written to <output_dir>/report.md."""
+distributions, and the held-out gold reward and reward-model score against training seconds. Written to
+<output_dir>/report.md."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
+from rlhf.config import ModelArgs
 from rlhf.evaluate.plots import CAPTIONS, pyplot, save, write_policy_plots
 from rlhf.evaluate.policy import MISSING, format_interval, policy_table
 from rlhf.manifest import atomic_write, is_complete, read_jsonl_log, read_manifest
@@ -47,20 +50,37 @@ def plot_ppo_curves(rows: list[dict], path: Path) -> None:
     save(plt, figure, path)
 
 
-def plot_gold_curves(curves: dict[str, list[dict]], sft_gold: float | None, path: Path) -> None:
-    """Held-out gold reward against training seconds, one line per policy stage, each starting from SFT at 0 s."""
+CURVE_KEYS = {"gold_reward": "held-out gold reward", "reward_model_score": "held-out reward-model score"}
+
+
+def plot_curves(curves: dict[str, list[dict]], path: Path) -> None:
+    """Held-out gold reward and/or reward-model score against training seconds, one line per policy stage (each from
+    its starting policy at 0 s), a panel per measure."""
     plt = pyplot()
-    figure, axis = plt.subplots(figsize=(5.5, 3.4))
-    start = [(0.0, sft_gold)] if sft_gold is not None else []
-    for stage, rows in curves.items():
-        points = start + [(row["seconds"], row["gold_reward"]) for row in rows]
-        axis.plot([x for x, _ in points], [y for _, y in points], marker="o", markersize=3, label=stage)
-    if sft_gold is not None:
-        axis.axhline(sft_gold, color="#999999", linestyle="--", linewidth=1, label="sft")
-    axis.set_xlabel("training seconds (evaluation excluded)")
-    axis.set_ylabel("held-out gold reward")
-    axis.legend(fontsize=8)
+    keys = [key for key in CURVE_KEYS if any(key in row for rows in curves.values() for row in rows)]
+    figure, axes = plt.subplots(1, len(keys), figsize=(5.5 * len(keys), 3.4), squeeze=False)
+    for axis, key in zip(axes[0], keys):
+        for stage, rows in curves.items():
+            points = [(row["seconds"], row[key]) for row in rows if key in row]
+            axis.plot([x for x, _ in points], [y for _, y in points], marker="o", markersize=3, label=stage)
+        axis.set_xlabel("training seconds (evaluation excluded)")
+        axis.set_ylabel(CURVE_KEYS[key])
+        axis.legend(fontsize=8)
     save(plt, figure, path)
+
+
+def curve_table(curves: dict[str, list[dict]]) -> list[str]:
+    """Markdown: each stage's held-out measures at its start and at its last point, and the seconds between."""
+    keys = [key for key in CURVE_KEYS if any(key in row for rows in curves.values() for row in rows)]
+    lines = ["| stage | points | training seconds | " + " | ".join(CURVE_KEYS[key] for key in keys) + " |",
+             "|---" * (3 + len(keys)) + "|"]
+    for stage, rows in curves.items():
+        cells = []
+        for key in keys:
+            values = [row[key] for row in rows if key in row]
+            cells.append(f"{values[0]:.3f} → {values[-1]:.3f}" if values else MISSING)
+        lines.append(f"| {stage} | {len(rows)} | {rows[-1]['seconds']:.0f} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def format_seconds(timing: dict) -> str:
@@ -120,17 +140,22 @@ def write_pipeline_report(args, out: Path, stages: list[str], timings: dict, gol
         for name in plots:
             lines += ["", f"![{CAPTIONS[name]}]({name})", *(["", notes[name]] if name in notes else [])]
         lines += ["", "Samples side by side: [eval_policy/report.md](eval_policy/report.md)."]
-    from rlhf.evaluate.curve import CURVE_NAME, read_curve
+    from rlhf.evaluate.curve import CURVE_NAME, read_curve, score_curves
 
     curves = {stage: read_curve(out / stage / CURVE_NAME) for stage in policy_stages}
     curves = {stage: rows for stage, rows in curves.items() if rows}
     if curves:
-        sft_gold = manifests["sft"].metrics.get("gold", {}).get("gold_reward", {}).get("mean") if "sft" in manifests else None
-        plot_gold_curves(curves, sft_gold, out / "gold_vs_time.png")
+        reward_model = rm_eval.load_reward_model(str(out / "reward"), ModelArgs()) if "reward" in manifests else (None, None)
+        curves = score_curves(curves, *reward_model) if reward_model[0] is not None else curves
+        atomic_write(out / "curves.json", json.dumps(curves, indent=1) + "\n")
+        plot_curves(curves, out / "reward_vs_time.png")
+        measures = " and ".join(name for key, name in CURVE_KEYS.items()
+                                if any(key in row for rows in curves.values() for row in rows))
         lines += ["", "## Alignment per second", "",
-                  "Held-out gold reward while each policy stage trained, against its training seconds (the "
-                  "evaluations themselves excluded); every line starts from SFT.", "",
-                  "![gold reward against training seconds](gold_vs_time.png)"]
+                  f"The {measures} while each policy stage trained, against its training seconds (the evaluations "
+                  "themselves excluded); every line starts from the policy the stage started from (SFT). Points: "
+                  "[curves.json](curves.json).", "", *curve_table(curves), "",
+                  "![held-out reward against training seconds](reward_vs_time.png)"]
     if ppo_rows:
         plot_ppo_curves(ppo_rows, out / "ppo_training.png")
         lines += ["", "## PPO training", "", "![PPO curves](ppo_training.png)"]

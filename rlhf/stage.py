@@ -60,6 +60,10 @@ RUN_ONLY_KEYS = ("output_dir", "overwrite", "ddp_timeout", "logging_dir", "repor
                  "push_to_hub", "hub_model_id", "hub_private_repo", "hub_strategy", "hub_token", "hub_always_push",
                  "hub_revision")
 
+# Keys added after runs were made with this code, and their defaults: at the default they are left out of the
+# configuration, so those runs' hashes still match.
+KEYS_ADDED_LATER = {("model", "model_revision"): "main", ("data", "gold_eval_split"): "test"}
+
 LOCK_NAME = ".lock"
 
 
@@ -282,13 +286,13 @@ class NonFiniteLossGuard(TrainerCallback):
 
 
 class GoldCurveCallback(TrainerCallback):
-    """Held-out gold reward a few times during training (see rlhf.evaluate.curve), sampled by the main process.
+    """Held-out reward a few times during training (see rlhf.evaluate.curve), sampled by the main process.
     Skipped when the model is sharded (FSDP, DeepSpeed): one process cannot sample a model the others hold."""
 
-    def __init__(self, data_args: DataArgs, output_dir: str):
-        self.data_args, self.output_dir, self.curve = data_args, output_dir, None
+    def __init__(self, data_args: DataArgs, output_dir: str, prompts: list[list[dict]] | None):
+        self.data_args, self.output_dir, self.prompts, self.curve = data_args, output_dir, prompts, None
 
-    def on_train_begin(self, args, state, control, **kwargs):
+    def on_train_begin(self, args, state, control, model=None, processing_class=None, **kwargs):
         from rlhf.evaluate.curve import gold_curve
 
         if not state.is_world_process_zero or not self.data_args.gold_curve_points:
@@ -296,20 +300,22 @@ class GoldCurveCallback(TrainerCallback):
         if args.fsdp or args.deepspeed:
             logger.warning("gold_curve_points: skipped, the model is sharded over the processes")
             return
-        self.curve = gold_curve(self.data_args, self.output_dir, state.max_steps, args.seed)
+        self.curve = gold_curve(self.data_args, self.prompts, self.output_dir, state.max_steps, args.seed)
         if self.curve:
-            self.curve.start(state.global_step)
+            self.curve.start(model, processing_class, state.global_step)
 
     def on_step_end(self, args, state, control, model=None, processing_class=None, **kwargs):
         if self.curve and self.curve.due(state.global_step):
             self.curve.record(model, processing_class, state.global_step)
 
 
-def stage_callbacks(output_dir: str, data_args: DataArgs | None = None) -> list[TrainerCallback]:
-    """The callbacks every TRL-trained stage runs with; a policy stage passes its data arguments for the gold curve."""
+def stage_callbacks(output_dir: str, data_args: DataArgs | None = None,
+                    gold_prompts: list[list[dict]] | None = None) -> list[TrainerCallback]:
+    """The callbacks every TRL-trained stage runs with; a policy stage passes its data arguments and held-out prompts
+    for the held-out curve."""
     from rlhf.trackers import MetricsLog
 
-    curve = [GoldCurveCallback(data_args, output_dir)] if data_args is not None else []
+    curve = [GoldCurveCallback(data_args, output_dir, gold_prompts)] if data_args is not None else []
     return [NonFiniteLossGuard(), CheckpointCompleteMarker(), LogLastStep(), MetricsLog(output_dir), *curve]
 
 
@@ -342,12 +348,13 @@ def training_metrics(trainer, train_result) -> dict:
 
 
 def load_gold_prompts(data_args: DataArgs) -> list[list[dict]] | None:
-    """Held-out prompts for the end-of-stage gold-reward check, when the recipe names them."""
+    """Held-out prompts for the end-of-stage gold-reward check and the held-out curve, when the recipe names them."""
     if not data_args.gold_eval_prompts:
         return None
     from rlhf.data import load_prompts
 
-    return [record["prompt"] for record in load_prompts(data_args.gold_eval_prompts)][: data_args.gold_eval_samples]
+    records = load_prompts(data_args.gold_eval_prompts, data_args.gold_eval_split)
+    return [record["prompt"] for record in records][: data_args.gold_eval_samples]
 
 
 def require(value, name: str, stage: str) -> None:
@@ -440,8 +447,9 @@ def stage_config(model_args: ModelArgs, data_args: DataArgs, training_args, stag
     # TRL's GRPO/RLOO configs fill an unset generation_batch_size from the number of processes, so the pipeline (one
     # process) and the launched stage (N) would hash different values; the settings it is made of are hashed.
     config["training"].pop("generation_batch_size", None)
-    if config["model"].get("model_revision") == "main":  # the default: hashes from before the key existed still match
-        config["model"].pop("model_revision")
+    for (section, key), default in KEYS_ADDED_LATER.items():
+        if config[section].get(key) == default:
+            config[section].pop(key)
     reward_model = getattr(training_args, "reward_source", None) or getattr(stage_args, "reward_source", None)
     from rlhf.manifest import MANIFEST_NAME
 

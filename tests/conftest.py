@@ -139,3 +139,16 @@ def kill_when(command: list[str], ready: Callable[[], bool], timeout: float = 30
     assert ready(), f"{' '.join(command)} ended or timed out before it was to be killed"
     os.killpg(process.pid, signal.SIGKILL)
     process.wait()
+
+
+def held_out_curve(run, sft_gold: float) -> list[dict]:
+    """A policy stage's held-out curve (the tiny recipes ask for 5 points), checked to start from the SFT policy (its
+    gold reward, same prompts and seed) and to end, better, at the last training step; returns its rows."""
+    from rlhf.evaluate.curve import CURVE_NAME, read_curve
+
+    curve = read_curve(Path(run.output_dir) / CURVE_NAME)
+    assert curve[0]["step"] == 0 and curve[-1]["step"] == run.metrics["steps"] and len(curve) == 6
+    assert curve[0]["gold_reward"] == pytest.approx(sft_gold, abs=0.02)
+    assert curve[-1]["gold_reward"] > curve[0]["gold_reward"] + 0.05
+    assert len(curve[-1]["samples"]) == 64 and 0 < curve[1]["seconds"] < curve[-1]["seconds"]
+    return curve

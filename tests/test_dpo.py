@@ -6,7 +6,7 @@ import shutil
 import pytest
 import torch
 
-from conftest import TINY_DATA
+from conftest import TINY_DATA, held_out_curve
 from rlhf.config import ModelArgs, parse_args
 from rlhf.data import load_preferences, to_dataset
 from rlhf.generation import pad_batch, response_logprobs
@@ -19,6 +19,7 @@ def test_dpo_improves_gold_reward_over_sft(dpo_run, sft_run):
     assert dpo_gold >= 1.25 * sft_gold, (sft_gold, dpo_gold)
     assert dpo_run.metrics["eval_rewards/accuracies"] > 0.6
     assert dpo_run.extra["reference"].startswith("parent policy")
+    assert [row["step"] for row in held_out_curve(dpo_run, sft_gold)] == [0, 25, 50, 75, 100, 125]
 
 
 def _logprobs(model, tokenizer, pairs):

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from conftest import REPO, kill_when
+from conftest import REPO, held_out_curve, kill_when
 from rlhf import grpo, rloo
 from rlhf.cli import main as cli
 from rlhf.manifest import read_jsonl_log
@@ -28,6 +28,7 @@ def test_grpo_on_the_reward_model_beats_sft(grpo_run, sft_run):
     assert gold >= 1.25 * sft_gold(sft_run), (sft_gold(sft_run), gold)
     assert grpo_run.metrics["last_logged_reward"] > grpo_run.metrics["first_logged_reward"] + 0.3
     assert grpo_run.extra["rewards"] == ["reward_model"] and grpo_run.extra["reference"].startswith("parent policy")
+    held_out_curve(grpo_run, sft_gold(sft_run))
 
 
 def test_rloo_on_the_reward_model_beats_sft(sft_run, reward_run, tmp_path):

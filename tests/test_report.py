@@ -6,11 +6,14 @@ runs), the stage folders hand-written manifests."""
 import json
 from pathlib import Path
 
+import pytest
 import yaml
 
 from conftest import TINY_BASE
 from rlhf.config import parse_args
 from rlhf.evaluate import policy as policy_eval
+from rlhf.evaluate import rm as rm_eval
+from rlhf.evaluate.curve import CURVE_NAME
 from rlhf.manifest import Manifest, write_manifest
 from rlhf.pipeline import ARG_TYPES, run_stages
 from rlhf.report import write_pipeline_report
@@ -64,12 +67,14 @@ def write_stages(out, stages: list[str]) -> None:
 
 
 def run_report(tmp_path, monkeypatch, recipe: str, stages: list[str] | None = None, gold: str | None = None,
-               flags: tuple[str, ...] = ()):
-    """The pipeline's report of `recipe` (and flags) over hand-written stage folders; returns (report text,
-    eval-policy argv)."""
+               flags: tuple[str, ...] = (), curves: dict[str, list[dict]] | None = None):
+    """The pipeline's report of `recipe` (and flags) over hand-written stage folders (and held-out curves); returns
+    (report text, eval-policy argv)."""
     (args,) = parse_args(ARG_TYPES, ["--config", recipe, "--output_dir", str(tmp_path), *flags])
     stages = stages or run_stages(args)
     write_stages(tmp_path, stages)
+    for stage, rows in (curves or {}).items():
+        (tmp_path / stage / CURVE_NAME).write_text("".join(json.dumps(row) + "\n" for row in rows))
     calls = []
 
     def fake_eval_policy(argv):
@@ -153,3 +158,59 @@ def test_without_a_reward_stage_the_reward_model_columns_go(tmp_path, monkeypatc
     # Nothing scored the samples: no score plot is drawn rather than an empty one.
     assert not any((tmp_path / plot).exists() for plot in ("policies.png", "reward_vs_kl.png", "score_distributions.png"))
     assert "![" not in text
+
+
+def curve_rows(responses: list[str], gold: list[float] | None = None) -> list[dict]:
+    """Held-out curve points 0, 5, 10, ... with one sample each (on one prompt), as GoldCurve writes them."""
+    prompt = [{"role": "user", "content": "add 2 and 3"}]
+    return [{"step": 5 * index, "seconds": 4.0 * index, "eos_rate": 1.0, "response_length": 3.0,
+             **({"gold_reward": gold[index]} if gold else {}), "samples": [{"prompt": prompt, "response": response}]}
+            for index, response in enumerate(responses)]
+
+
+def test_held_out_curves_are_scored_by_the_reward_model_against_training_seconds(tmp_path, monkeypatch):
+    from transformers import AutoModelForSequenceClassification
+
+    from rlhf.evaluate.scoring import score_conversations
+    from rlhf.models import load_tokenizer
+
+    tokenizer = load_tokenizer(TINY_BASE)
+    reward_model = AutoModelForSequenceClassification.from_pretrained(TINY_BASE, num_labels=1).eval()
+    reward_model.config.pad_token_id = tokenizer.pad_token_id
+    loaded = []
+    monkeypatch.setattr(rm_eval, "load_reward_model", lambda path, model_args: loaded.append(path) or (reward_model, tokenizer))
+    curves = {"dpo": curve_rows(["5", "4 4", "5 5 5"]), "ppo": curve_rows(["5", "3", "2 9", "9 9 9 9"])}
+    text, _ = run_report(tmp_path, monkeypatch, "recipes/smollm2/pipeline.yaml", curves=curves)
+
+    assert loaded == [str(tmp_path / "reward")]
+    written = json.loads((tmp_path / "curves.json").read_text())
+    for stage, rows in curves.items():
+        conversations = [row["samples"][0]["prompt"] + [{"role": "assistant", "content": row["samples"][0]["response"]}]
+                         for row in rows]
+        scores = score_conversations(reward_model, tokenizer, conversations, show_progress=False)[0]
+        assert [point["reward_model_score"] for point in written[stage]] == pytest.approx(scores, abs=1e-5)
+        assert [point["seconds"] for point in written[stage]] == [row["seconds"] for row in rows]
+    measures = table(text, "## Alignment per second")
+    assert_no_empty_cell(measures)
+    assert measures[0] == ["stage", "points", "training seconds", "held-out reward-model score"]
+    first, last = written["ppo"][0]["reward_model_score"], written["ppo"][-1]["reward_model_score"]
+    assert measures[2] == ["ppo", "4", "12", f"{first:.3f} → {last:.3f}"]
+    assert (tmp_path / "reward_vs_time.png").stat().st_size > 0 and "](reward_vs_time.png)" in text
+
+
+def test_with_a_gold_reward_the_curves_show_gold_and_reward_model_score_side_by_side(tmp_path, monkeypatch):
+    from transformers import AutoModelForSequenceClassification
+
+    from rlhf.models import load_tokenizer
+
+    tokenizer = load_tokenizer(TINY_BASE)
+    reward_model = AutoModelForSequenceClassification.from_pretrained(TINY_BASE, num_labels=1).eval()
+    reward_model.config.pad_token_id = tokenizer.pad_token_id
+    monkeypatch.setattr(rm_eval, "load_reward_model", lambda path, model_args: (reward_model, tokenizer))
+    curves = {"dpo": curve_rows(["5", "4 4"], gold=[0.4, 0.6])}
+    text, _ = run_report(tmp_path, monkeypatch, "recipes/tiny/pipeline.yaml", ["sft", "reward", "dpo"],
+                         gold="rlhf.tiny.task:gold_reward", flags=("--eval_preferences", ""), curves=curves)
+    measures = table(text, "## Alignment per second")
+    assert measures[0] == ["stage", "points", "training seconds", "held-out gold reward", "held-out reward-model score"]
+    assert measures[1][:4] == ["dpo", "2", "4", "0.400 → 0.600"]
+    assert "held-out gold reward and held-out reward-model score while each policy stage trained" in text

@@ -137,3 +137,27 @@ def test_trackers_are_checked_before_anything_loads():
     if importlib.util.find_spec("wandb") is None:
         with pytest.raises(ConfigError, match="wandb is not installed; pip install wandb"):
             trackers("wandb")
+
+
+def test_keys_added_later_leave_older_hashes_alone_at_their_default():
+    """A run made before model_revision / gold_eval_split existed still matches at their defaults; any other value is
+    another configuration."""
+    from dataclasses import dataclass
+
+    from rlhf.config import DataArgs, ModelArgs
+    from rlhf.manifest import config_hash
+    from rlhf.stage import KEYS_ADDED_LATER, stage_config
+
+    @dataclass
+    class Training:
+        seed: int = 42
+
+    def hashed(model_args=None, data_args=None):
+        config = stage_config(model_args or ModelArgs(), data_args or DataArgs(), Training())
+        return config, config_hash(config)
+
+    default_config, default_hash = hashed()
+    for section, key in KEYS_ADDED_LATER:
+        assert key not in default_config[section]  # as in a configuration written before the key existed
+    assert hashed(data_args=DataArgs(gold_eval_split="validation"))[1] != default_hash
+    assert hashed(model_args=ModelArgs(model_revision="v2"))[1] != default_hash

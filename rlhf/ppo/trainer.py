@@ -337,6 +337,7 @@ def main(argv: list[str] | None = None):
     reward_tokenizer = stage_tokenizer(reward_manifest, model_args) if reward_manifest else None
     records, prompt_ids = fit_prompts(prompt_records, tokenizer, args.max_prompt_length, data_args, accelerator.print)
     prompts, columns = [record["prompt"] for record in records], record_columns(records)
+    gold_prompts = load_gold_prompts(data_args)
     held_out = None
     if data_args.eval_data:
         from rlhf.ppo.evaluation import HeldOutPrompts
@@ -407,12 +408,12 @@ def main(argv: list[str] | None = None):
         truncate_jsonl_log(log_path, start_step)  # steps after the checkpoint are trained (and logged) again
     from rlhf.evaluate.curve import gold_curve
 
-    # The held-out gold curve (gold_curve_points): sampled by the main process, so not when the model is sharded.
+    # The held-out curve (gold_curve_points): sampled by the main process, so not when the model is sharded.
     curve = None
     if accelerator.is_main_process and not distributed.sharded:
-        curve = gold_curve(data_args, str(output_dir), args.steps, args.seed)
+        curve = gold_curve(data_args, gold_prompts, str(output_dir), args.steps, args.seed)
     if curve:
-        curve.start(start_step)
+        curve.start(models, tokenizer, start_step)
     training_started = time.perf_counter()
     progress = tqdm(range(start_step, args.steps), initial=start_step, total=args.steps, desc="ppo",
                     disable=not accelerator.is_local_main_process or not console.is_verbose())
@@ -491,7 +492,7 @@ def main(argv: list[str] | None = None):
                "reward_weights": reward_weights, "reward_placement": models.reward_placement,
                "value_init": args.value_init,
                "world_size": accelerator.num_processes},
-        save_merged=args.save_merged, gold_prompts=load_gold_prompts(data_args), push_to=push_to,
+        save_merged=args.save_merged, gold_prompts=gold_prompts, push_to=push_to,
     )
     accelerator.end_training()
     return manifest

@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from conftest import metrics_rows, short_ppo_run, REPO, TINY_DATA
+from conftest import REPO, TINY_DATA, held_out_curve, metrics_rows, short_ppo_run
 from rlhf.config import ModelArgs
 from rlhf.data import load_preferences
 from rlhf.generation import pad_batch, position_ids_from_mask, response_logprobs, token_logprobs
@@ -27,6 +27,7 @@ def test_ppo_improves_gold_reward_over_sft(ppo_run, sft_run):
     # The policy starts as the reference (equal up to the rounding of KV-cached decoding vs a full forward).
     assert abs(ppo_run.metrics["first"]["kl/sequence"]) < 1e-4
     assert ppo_run.extra["layout"] == "shared"
+    held_out_curve(ppo_run, sft_gold)
     lines = (REPO / ppo_run.output_dir / "metrics.jsonl").read_text().splitlines()
     assert len(lines) == ppo_run.metrics["steps"]
     for key in ("policy/clipfrac", "policy/approx_kl", "policy/entropy", "value/clipfrac", "loss/value",
