@@ -53,11 +53,16 @@ def plot_ppo_curves(rows: list[dict], path: Path) -> None:
 CURVE_KEYS = {"gold_reward": "held-out gold reward", "reward_model_score": "held-out reward-model score"}
 
 
+def curve_measures(curves: dict[str, list[dict]]) -> list[str]:
+    """The CURVE_KEYS some point of some curve has."""
+    return [key for key in CURVE_KEYS if any(key in row for rows in curves.values() for row in rows)]
+
+
 def plot_curves(curves: dict[str, list[dict]], path: Path) -> None:
     """Held-out gold reward and/or reward-model score against training seconds, one line per policy stage (each from
     its starting policy at 0 s), a panel per measure."""
     plt = pyplot()
-    keys = [key for key in CURVE_KEYS if any(key in row for rows in curves.values() for row in rows)]
+    keys = curve_measures(curves)
     figure, axes = plt.subplots(1, len(keys), figsize=(5.5 * len(keys), 3.4), squeeze=False)
     for axis, key in zip(axes[0], keys):
         for stage, rows in curves.items():
@@ -71,7 +76,7 @@ def plot_curves(curves: dict[str, list[dict]], path: Path) -> None:
 
 def curve_table(curves: dict[str, list[dict]]) -> list[str]:
     """Markdown: each stage's held-out measures at its start and at its last point, and the seconds between."""
-    keys = [key for key in CURVE_KEYS if any(key in row for rows in curves.values() for row in rows)]
+    keys = curve_measures(curves)
     lines = ["| stage | points | training seconds | " + " | ".join(CURVE_KEYS[key] for key in keys) + " |",
              "|---" * (3 + len(keys)) + "|"]
     for stage, rows in curves.items():
@@ -144,13 +149,15 @@ def write_pipeline_report(args, out: Path, stages: list[str], timings: dict, gol
 
     curves = {stage: read_curve(out / stage / CURVE_NAME) for stage in policy_stages}
     curves = {stage: rows for stage, rows in curves.items() if rows}
-    if curves:
-        reward_model = rm_eval.load_reward_model(str(out / "reward"), ModelArgs()) if "reward" in manifests else (None, None)
-        curves = score_curves(curves, *reward_model) if reward_model[0] is not None else curves
+    if curves and "reward" in manifests:
+        curves = score_curves(curves, *rm_eval.load_reward_model(str(out / "reward"), ModelArgs()))
+    # The samples stay in the stage folders; what was measured of them goes with the report.
+    curves = {stage: [{key: value for key, value in row.items() if key != "samples"} for row in rows]
+              for stage, rows in curves.items()}
+    if curve_measures(curves):  # without a gold reward or a reward stage nothing scored the samples
         atomic_write(out / "curves.json", json.dumps(curves, indent=1) + "\n")
         plot_curves(curves, out / "reward_vs_time.png")
-        measures = " and ".join(name for key, name in CURVE_KEYS.items()
-                                if any(key in row for rows in curves.values() for row in rows))
+        measures = " and ".join(CURVE_KEYS[key] for key in curve_measures(curves))
         lines += ["", "## Alignment per second", "",
                   f"The {measures} while each policy stage trained, against its training seconds (the evaluations "
                   "themselves excluded); every line starts from the policy the stage started from (SFT). Points: "

@@ -149,14 +149,17 @@ def test_a_gold_reward_adds_its_columns(tmp_path, monkeypatch):
 
 
 def test_without_a_reward_stage_the_reward_model_columns_go(tmp_path, monkeypatch):
-    text, argv = run_report(tmp_path, monkeypatch, "recipes/smollm2/pipeline.yaml", ["sft", "dpo"])
+    text, argv = run_report(tmp_path, monkeypatch, "recipes/smollm2/pipeline.yaml", ["sft", "dpo"],
+                            curves={"dpo": curve_rows(["5", "4 4"])})
     assert "--reward_model" not in argv
     policies = table(text, "## Policies on held-out prompts")
     assert_no_empty_cell(policies)
     assert policies[0] == ["policy", "KL to sft", "length", "EOS rate", "time (s)", "peak memory (MiB)"]
     assert "and reward model" not in text and "possible reward hacking" not in text
     # Nothing scored the samples: no score plot is drawn rather than an empty one.
-    assert not any((tmp_path / plot).exists() for plot in ("policies.png", "reward_vs_kl.png", "score_distributions.png"))
+    assert not any((tmp_path / plot).exists() for plot in ("policies.png", "reward_vs_kl.png", "score_distributions.png",
+                                                           "reward_vs_time.png", "curves.json"))
+    assert "Alignment per second" not in text  # neither a gold reward nor a reward model scored the curve
     assert "![" not in text
 
 
@@ -190,6 +193,7 @@ def test_held_out_curves_are_scored_by_the_reward_model_against_training_seconds
         scores = score_conversations(reward_model, tokenizer, conversations, show_progress=False)[0]
         assert [point["reward_model_score"] for point in written[stage]] == pytest.approx(scores, abs=1e-5)
         assert [point["seconds"] for point in written[stage]] == [row["seconds"] for row in rows]
+        assert not any("samples" in point for point in written[stage])  # they stay in the stage folders
     measures = table(text, "## Alignment per second")
     assert_no_empty_cell(measures)
     assert measures[0] == ["stage", "points", "training seconds", "held-out reward-model score"]

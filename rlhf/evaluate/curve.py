@@ -95,14 +95,15 @@ def gold_curve(data_args, prompts: list[list[dict]] | None, output_dir: str, tot
 
 
 def score_curves(curves: dict[str, list[dict]], reward_model, reward_tokenizer) -> dict[str, list[dict]]:
-    """Every point's mean reward-model score over its samples (rows without samples are left as they are)."""
+    """The curves with every point's mean reward-model score over its samples (points without samples as they
+    are)."""
     from rlhf.evaluate.scoring import score_conversations
 
     scored = {}
     for stage, rows in curves.items():
         scored[stage] = []
         for row in rows:
-            point = {key: value for key, value in row.items() if key != "samples"}
+            point = dict(row)
             if row.get("samples"):
                 conversations = [sample["prompt"] + [{"role": "assistant", "content": sample["response"]}]
                                  for sample in row["samples"]]

@@ -80,4 +80,4 @@ def test_without_a_gold_reward_the_samples_are_kept_for_a_reward_model_to_score(
                      for sample in rows[1]["samples"]]
     scores = score_conversations(reward_model, tokenizer, conversations, show_progress=False)[0]
     assert scored[1]["reward_model_score"] == sum(scores) / len(scores)
-    assert scored[2] == older and all("samples" not in point for point in scored)
+    assert scored[2] == older and scored[1]["samples"] == rows[1]["samples"]
