@@ -289,12 +289,10 @@ def _markdown(report: dict, title: str, plot_names: list[str]) -> str:
     lines += ["## Worst pairs", "", "| index | margin | prompt | chosen | rejected |", "|---|---|---|---|---|"]
     lines += [f"| {w['index']} | {_fmt(w['margin'])} | {_cell(w['prompt'])} | {_cell(w['chosen'])} "
               f"| {_cell(w['rejected'])} |" for w in report["worst_pairs"]] + [""]
-    if plot_names:
-        lines += ["## Plots", ""] + [f"![{name}]({name})" for name in plot_names] + [""]
-    return "\n".join(lines)
+    return "\n".join(lines + _plot_lines(plot_names))
 
 
-def _best_of_n_markdown(report: dict, title: str) -> str:
+def _best_of_n_markdown(report: dict, title: str, plot_names: list[str]) -> str:
     accuracy, gap = report["accuracy"], report["gap"]
     lines = [f"# {title}", "", "A record is correct when every chosen response scores above every rejected one.", "",
              "| metric | value |", "|---|---|", f"| records | {report['n_records']} |",
@@ -309,11 +307,12 @@ def _best_of_n_markdown(report: dict, title: str) -> str:
               "|---|---|---|---|---|"]
     lines += [f"| {w['index']} | {_fmt(w['gap'])} | {_cell(w['prompt'])} | {_cell(w['worst_chosen'])} "
               f"| {_cell(w['best_rejected'])} |" for w in report["worst_records"]] + [""]
-    return "\n".join(lines)
+    return "\n".join(lines + _plot_lines(plot_names))
 
 
 def _plots(report: dict, rows: list[dict]) -> dict[str, bytes]:
-    """PNG bytes by file name; drawn in memory so each file can be written atomically."""
+    """PNG bytes by file name; drawn in memory so each file can be written atomically. Pairs: reward histograms,
+    calibration and margins; best-of-N records: reward histograms, gaps and (with subsets) accuracy per subset."""
     import matplotlib
 
     matplotlib.use("Agg")  # no display on training machines
@@ -326,48 +325,76 @@ def _plots(report: dict, rows: list[dict]) -> dict[str, bytes]:
         plt.close(figure)
         return buffer.getvalue()
 
+    best_of_n = report.get("layout") == BEST_OF_N
+    if best_of_n:
+        chosen = [score for row in rows for score in row["chosen_scores"]]
+        rejected = [score for row in rows for score in row["rejected_scores"]]
+        gaps, unit, gap_name = [row["gap"] for row in rows], "records", "lowest chosen - highest rejected"
+    else:
+        chosen, rejected = [row["chosen_score"] for row in rows], [row["rejected_score"] for row in rows]
+        gaps, unit, gap_name = [row["margin"] for row in rows], "pairs", "chosen - rejected"
     images = {}
-    chosen, rejected = [row["chosen_score"] for row in rows], [row["rejected_score"] for row in rows]
     edges = np.histogram_bin_edges(chosen + rejected, bins=30)  # shared edges so the two histograms compare
     figure, axes = plt.subplots(figsize=(6, 4))
     axes.hist(chosen, bins=edges, alpha=0.6, label="chosen")
     axes.hist(rejected, bins=edges, alpha=0.6, label="rejected")
-    axes.set(xlabel="reward", ylabel="pairs", title="Rewards: chosen vs rejected")
+    axes.set(xlabel="reward", ylabel="responses" if best_of_n else "pairs", title="Rewards: chosen vs rejected")
     axes.legend()
     images["reward_histogram.png"] = png(figure)
 
-    filled = [b for b in report["calibration"]["bins"] if b["count"]]
-    figure, axes = plt.subplots(figsize=(5, 5))
-    axes.plot([0.5, 1.0], [0.5, 1.0], linestyle="--", color="grey", label="perfect calibration")
-    axes.plot([b["confidence"] for b in filled], [b["accuracy"] for b in filled], marker="o", label="model")
-    axes.set(xlim=(0.5, 1.0), ylim=(0.0, 1.0), xlabel="confidence max(p, 1-p)", ylabel="accuracy",
-             title=f"Reliability (ECE {report['calibration']['ece']:.3f})")
-    axes.legend()
-    images["calibration.png"] = png(figure)
+    if not best_of_n:  # a pair's margin is a probability under Bradley-Terry; a best-of-N gap is not
+        filled = [b for b in report["calibration"]["bins"] if b["count"]]
+        figure, axes = plt.subplots(figsize=(5, 5))
+        axes.plot([0.5, 1.0], [0.5, 1.0], linestyle="--", color="grey", label="perfect calibration")
+        axes.plot([b["confidence"] for b in filled], [b["accuracy"] for b in filled], marker="o", label="model")
+        axes.set(xlim=(0.5, 1.0), ylim=(0.0, 1.0), xlabel="confidence max(p, 1-p)", ylabel="accuracy",
+                 title=f"Reliability (ECE {report['calibration']['ece']:.3f})")
+        axes.legend()
+        images["calibration.png"] = png(figure)
 
     figure, axes = plt.subplots(figsize=(6, 4))
-    axes.hist([row["margin"] for row in rows], bins=30)
+    axes.hist(gaps, bins=30)
     axes.axvline(0.0, color="red", linestyle="--")
-    axes.set(xlabel="chosen - rejected", ylabel="pairs", title="Reward margin")
+    axes.set(xlabel=gap_name, ylabel=unit, title="Best-of-N gap" if best_of_n else "Reward margin")
     images["margin_histogram.png"] = png(figure)
+
+    if best_of_n and report["subsets"]:
+        names = list(report["subsets"])
+        subsets = [report["subsets"][name] for name in names]
+        figure, axes = plt.subplots(figsize=(max(4.0, 0.9 * len(names) + 2), 4))
+        positions = np.arange(len(names))
+        errors = [[s["accuracy"] - s["ci95"][0] for s in subsets], [s["ci95"][1] - s["accuracy"] for s in subsets]]
+        axes.bar(positions, [s["accuracy"] for s in subsets], yerr=errors, capsize=3, ecolor="#555555",
+                 label="accuracy (95% CI)")
+        axes.scatter(positions, [s["chance"] for s in subsets], color="red", marker="_", s=400, zorder=3,
+                     label="chance")
+        axes.set_xticks(positions, names, rotation=30, ha="right")
+        axes.set(ylim=(0.0, 1.0), ylabel="best-of-N accuracy", title="Accuracy by subset")
+        axes.legend()
+        images["subset_accuracy.png"] = png(figure)
     return images
+
+
+def _plot_lines(plot_names: list[str]) -> list[str]:
+    return ["## Plots", ""] + [f"![{name}]({name})" for name in plot_names] + [""] if plot_names else []
 
 
 def write_report(report: dict, out_dir: str | Path, rows: list[dict], title: str = "Reward model evaluation",
                  plots: bool = True) -> dict[str, str]:
-    """report.json, report.md, scores.jsonl and (optionally, for pairs) three PNGs in out_dir; returns their paths."""
+    """report.json, report.md, scores.jsonl and (optionally) PNG plots in out_dir; returns their paths."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     best_of_n = report.get("layout") == BEST_OF_N
     plot_paths = []
-    if plots and not best_of_n:
+    if plots:
         for name, data in _plots(report, rows).items():
             atomic_write(out_dir / name, data)
             plot_paths.append(str(out_dir / name))
     paths = {"json": out_dir / "report.json", "markdown": out_dir / "report.md", "scores": out_dir / "scores.jsonl"}
     atomic_write(paths["scores"], "".join(json.dumps(row, allow_nan=False) + "\n" for row in rows))
-    atomic_write(paths["markdown"], _best_of_n_markdown(report, title) if best_of_n
-                 else _markdown(report, title, [Path(p).name for p in plot_paths]))
+    plot_names = [Path(path).name for path in plot_paths]
+    atomic_write(paths["markdown"], _best_of_n_markdown(report, title, plot_names) if best_of_n
+                 else _markdown(report, title, plot_names))
     # JSON last: its presence means the rest of the report is complete.
     atomic_write(paths["json"], json.dumps(report, indent=2, allow_nan=False) + "\n")
     return {**{key: str(path) for key, path in paths.items()}, "plots": plot_paths}

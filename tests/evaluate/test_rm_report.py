@@ -2,6 +2,7 @@
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 
@@ -238,8 +239,11 @@ def test_best_of_n_files_and_comparison(tmp_path):
     assert rows[1] == {"index": 1, "prompt": "m1", "chosen_scores": [1.0], "rejected_scores": [0.0, 1.0, -1.0],
                        "gap": 0.0, "correct": False, "subset": "Math"}
     paths = write_report(report, tmp_path / "out", rows, title="RB2")
-    assert paths["plots"] == []  # the plots are of pairs
+    assert sorted(Path(path).name for path in paths["plots"]) == [
+        "margin_histogram.png", "reward_histogram.png", "subset_accuracy.png"]  # no calibration: a gap is no probability
     markdown = open(paths["markdown"]).read()
+    for path in paths["plots"]:
+        assert Path(path).read_bytes().startswith(b"\x89PNG") and f"]({Path(path).name})" in markdown
     assert "| best-of-N accuracy (95% CI) | 0.500 [" in markdown
     assert "| Math | 3 | 0.333 [" in markdown and "| Ties | 2 | 0.500 [" in markdown
     assert json.loads(open(paths["json"]).read())["subsets"]["Focus"]["accuracy"] == 1.0
