@@ -104,8 +104,9 @@ class DataArgs:
                   "e.g. rlhf.tiny.task:gold_reward. Used for reports only, never for training."},
     )
     gold_eval_prompts: str | None = field(
-        default=None, metadata={"help": "Held-out prompt file: sampled after training to report the gold reward (with "
-                                "gold_reward), and during training for gold_curve_points."}
+        default=None, metadata={"help": "Held-out prompts (a file, folder or hub dataset): sampled after training "
+                                "to report the gold reward (with gold_reward), and during training for "
+                                "gold_curve_points."}
     )
     gold_eval_split: str = field(default="test", metadata={
         "help": "Split to read when gold_eval_prompts is a hub dataset or a folder of splits."})

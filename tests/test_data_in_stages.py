@@ -42,3 +42,17 @@ def test_reward_and_dpo_train_on_pairs_with_empty_responses(tmp_path):
     assert manifest.metrics["steps"] == 2 and manifest.metrics["reward_std"] > 0
     manifest = dpo.main(args + ["--output_dir", str(tmp_path / "dpo")])
     assert manifest.metrics["steps"] == 2 and manifest.metrics["last_logged_loss"] > 0
+
+
+def test_held_out_prompts_come_from_the_test_split_unless_told(tmp_path):
+    from rlhf.config import DataArgs
+    from rlhf.stage import load_gold_prompts
+
+    folder = tmp_path / "prompts"
+    folder.mkdir()
+    for split in ("train", "test", "validation"):
+        write_jsonl(folder / f"{split}.jsonl", [{"prompt": f"{split} prompt {i}"} for i in range(3)])
+    held_out = load_gold_prompts(DataArgs(gold_eval_prompts=str(folder), gold_eval_samples=2))
+    assert held_out == [[{"role": "user", "content": f"test prompt {i}"}] for i in range(2)]
+    chosen = load_gold_prompts(DataArgs(gold_eval_prompts=str(folder), gold_eval_split="validation"))
+    assert [prompt[0]["content"] for prompt in chosen] == [f"validation prompt {i}" for i in range(3)]
