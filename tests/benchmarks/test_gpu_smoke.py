@@ -87,7 +87,7 @@ def test_smoke_run_fills_every_section_with_positive_figures(tmp_path):
         assert {"tokens_per_second", "peak_memory_mib"} <= sections[name].keys()
     assert {"sft_gold", "ppo_gold", "rises"} <= sections["tiny pipeline"].keys()
     engines = sections["generation engines"]["engines"]
-    assert set(engines) == {"dynamic", "static"} and all("tokens_per_s" in figures for figures in engines.values())
+    assert set(engines) == {"dynamic", "static", "paged"} and all("tokens_per_s" in figures for figures in engines.values())
     assert sections["generation engines"]["roofline"]["tokens_per_s"] > 0
     assert "skipped" in result["ppo_trl_0_26_2"]
     assert int(result["versions"]["transformers"].split(".")[0]) >= 5
