@@ -111,6 +111,8 @@ class DataArgs:
     gold_eval_split: str = field(default="test", metadata={
         "help": "Split to read when gold_eval_prompts is a hub dataset or a folder of splits."})
     gold_eval_samples: int = field(default=64, metadata={"help": "How many of gold_eval_prompts are sampled."})
+    gold_eval_max_new_tokens: int = field(default=64, metadata={
+        "help": "Longest response sampled from gold_eval_prompts (the gold check and the held-out curve)."})
     gold_curve_points: int = field(
         default=0, metadata={"help": "Policy stages: also sample gold_eval_prompts at the start and this many times "
                              "during training, evenly spaced, into <output_dir>/gold_curve.jsonl (the samples, and "
@@ -134,6 +136,7 @@ class DataArgs:
         _at_least_one("max_train_samples", self.max_train_samples, optional=True)
         _at_least_one("max_eval_samples", self.max_eval_samples, optional=True)
         _at_least_one("gold_eval_samples", self.gold_eval_samples)
+        _at_least_one("gold_eval_max_new_tokens", self.gold_eval_max_new_tokens)
         _check_range("gold_curve_points", self.gold_curve_points, isinstance(self.gold_curve_points, int)
                      and self.gold_curve_points >= 0, "an integer >= 0 (0 = off)")
 

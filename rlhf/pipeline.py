@@ -61,6 +61,9 @@ class PipelineArgs:
     eval_prompts: str | None = field(default=None, metadata={"help": "Held-out prompts for the policy evaluation."})
     eval_preferences: str | None = field(default=None, metadata={"help": "Held-out pairs for the reward-model report."})
     eval_samples: int = field(default=128, metadata={"help": "Prompts sampled per policy in the evaluation."})
+    eval_max_new_tokens: int = field(default=64, metadata={
+        "help": "Longest response sampled in the evaluation: as long as the policies answer in training, or the reward "
+                "model judges cut-off answers."})
     force: bool = field(default=False, metadata={"help": "Rerun every stage even if its manifest matches."})
     only: list[str] = field(default_factory=list, metadata={"help": "Run only these stages (others must be done)."})
 

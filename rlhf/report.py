@@ -119,7 +119,7 @@ def write_pipeline_report(args, out: Path, stages: list[str], timings: dict, gol
     policies = [str(out / stage) for stage in policy_stages]
     if policies and args.eval_prompts and "sft" in manifests:
         argv = ["--policy", *policies, "--reference", str(out / "sft"), "--prompts", args.eval_prompts,
-                "--max_samples", str(args.eval_samples), "--out", str(out / "eval_policy")]
+                "--max_samples", str(args.eval_samples), "--max_new_tokens", str(args.eval_max_new_tokens), "--out", str(out / "eval_policy")]
         if "reward" in manifests:
             argv += ["--reward_model", str(out / "reward")]
         if gold_reward:

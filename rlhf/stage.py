@@ -62,7 +62,8 @@ RUN_ONLY_KEYS = ("output_dir", "overwrite", "ddp_timeout", "logging_dir", "repor
 
 # Keys added after runs were made with this code, and their defaults: at the default they are left out of the
 # configuration, so those runs' hashes still match.
-KEYS_ADDED_LATER = {("model", "model_revision"): "main", ("data", "gold_eval_split"): "test"}
+KEYS_ADDED_LATER = {("model", "model_revision"): "main", ("data", "gold_eval_split"): "test",
+                    ("data", "gold_eval_max_new_tokens"): 64}
 
 LOCK_NAME = ".lock"
 
@@ -507,7 +508,8 @@ def write_stage(
 
         policy = load_stage_output(manifest, model_args)
         seed = config["training"].get("seed", 0)
-        report = gold_report(policy, tokenizer, gold_prompts, load_gold_reward(data_args.gold_reward), seed=seed)
+        report = gold_report(policy, tokenizer, gold_prompts, load_gold_reward(data_args.gold_reward), seed=seed,
+                             max_new_tokens=data_args.gold_eval_max_new_tokens)
         manifest.metrics["gold"] = report
         say(stage, f"held-out gold reward {report['gold_reward']['mean']:.3f}, EOS rate {report['eos_rate']:.2f}")
     if after_save is not None:

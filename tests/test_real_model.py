@@ -43,6 +43,9 @@ CONVERSATIONS = [
 ]
 
 # What every stage run here overrides in the shipped recipes: local data, a few CPU steps, fp32.
+# The held-out curve's prompts (the recipes name the hub's UltraFeedback test split): 4 local ones, short answers.
+HELD_OUT = ["--gold_eval_prompts", str(TINY_DATA / "prompts_test.jsonl"), "--gold_eval_samples", "4",
+            "--gold_eval_max_new_tokens", "8"]
 SHORT_RUN = ["--eval_data", "", "--max_train_samples", "32", "--max_steps", "4", "--per_device_train_batch_size", "4",
              "--gradient_accumulation_steps", "1", "--max_length", "256", "--bf16", "false", "--save_steps", "2",
              "--logging_steps", "1"]
@@ -102,7 +105,7 @@ def dpo_stage(sft_stage, tmp_path_factory):
     # The recipe's 5e-6 barely moves a LoRA adapter in 4 steps; 5e-4 without warm-up shows the preference loss fall.
     return dpo.main(["--config", "recipes/smollm2/dpo.yaml", "--init_from", sft_stage.output_dir,
                      "--train_data", str(TINY_DATA / "prefs_train.jsonl"), *SHORT_RUN,
-                     "--learning_rate", "5e-4", "--warmup_steps", "0", "--output_dir", str(output_dir)])
+                     "--learning_rate", "5e-4", "--warmup_steps", "0", *HELD_OUT, "--output_dir", str(output_dir)])
 
 
 @pytest.fixture(scope="module")
@@ -124,7 +127,7 @@ def ppo_stage(sft_stage, reward_stage, tmp_path_factory):
                          "--reward_model", reward_stage.output_dir, "--train_data", str(TINY_DATA / "prompts_train.jsonl"),
                          "--steps", "1", "--rollout_batch_size", "4", "--mini_batch_size", "2", "--ppo_epochs", "1",
                          "--max_new_tokens", "16", "--min_reward_accuracy", "0",  # a 2-step reward model, no eval
-                         "--output_dir", str(output_dir)])
+                         *HELD_OUT, "--output_dir", str(output_dir)])
 
 
 def trainer_log(stage_dir: str) -> list[dict]:
@@ -227,6 +230,16 @@ def test_dpo_stage_on_smollm2(dpo_stage, sft_stage):
     # It learned the preference: by the last step the loss is under log 2 and chosen replies outscore rejected ones.
     assert metrics["last_logged_loss"] < LOG2 - 0.01, steps
     assert steps[-1]["rewards/margins"] > 0, steps
+    assert_held_out_curve(output, [0, 1, 2, 3, 4])
+
+
+def assert_held_out_curve(output: Path, steps: list[int]) -> None:
+    """No gold reward on real data: the curve keeps its samples (4 prompts, at most 8 tokens) for the reward model."""
+    from rlhf.evaluate.curve import CURVE_NAME, read_curve
+
+    curve = read_curve(output / CURVE_NAME)
+    assert [row["step"] for row in curve] == steps and not any("gold_reward" in row for row in curve)
+    assert all(len(row["samples"]) == 4 and 0 < row["response_length"] <= 8 for row in curve)
 
 
 def test_reward_stage_on_smollm2(reward_stage):
@@ -249,3 +262,4 @@ def test_ppo_stage_on_smollm2(ppo_stage):
     assert first["kl/sequence"] == pytest.approx(0.0, abs=1e-4)  # the policy starts as the reference (SFT policy)
     assert 0 < first["response/length"] <= 16
     assert len((output / "metrics.jsonl").read_text().splitlines()) == 1
+    assert_held_out_curve(output, [0, 1])

@@ -118,6 +118,7 @@ def test_smollm2_report_without_gold_leads_with_the_reward_model(tmp_path, monke
     assert not args.dpo_args and not args.ppo_args
     text, argv = run_report(tmp_path, monkeypatch, recipe, gold=None)
     assert "--gold_reward" not in argv and argv[argv.index("--reward_model") + 1] == str(tmp_path / "reward")
+    assert argv[argv.index("--max_new_tokens") + 1] == "256"  # as long as PPO's answers, not cut at 64
 
     stages = table(text, "## Stages")
     assert_no_empty_cell(stages)

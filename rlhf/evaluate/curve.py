@@ -91,7 +91,8 @@ def gold_curve(data_args, prompts: list[list[dict]] | None, output_dir: str, tot
     from rlhf.evaluate.policy import load_gold_reward
 
     gold = load_gold_reward(data_args.gold_reward) if data_args.gold_reward else None
-    return GoldCurve(output_dir, prompts, gold, data_args.gold_curve_points, total_steps, seed)
+    return GoldCurve(output_dir, prompts, gold, data_args.gold_curve_points, total_steps, seed,
+                     data_args.gold_eval_max_new_tokens)
 
 
 def score_curves(curves: dict[str, list[dict]], reward_model, reward_tokenizer) -> dict[str, list[dict]]:

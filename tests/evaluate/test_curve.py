@@ -81,3 +81,18 @@ def test_without_a_gold_reward_the_samples_are_kept_for_a_reward_model_to_score(
     scores = score_conversations(reward_model, tokenizer, conversations, show_progress=False)[0]
     assert scored[1]["reward_model_score"] == sum(scores) / len(scores)
     assert scored[2] == older and scored[1]["samples"] == rows[1]["samples"]
+
+
+def test_the_stage_settings_pick_prompts_and_response_length(tmp_path):
+    from rlhf.config import DataArgs
+    from rlhf.evaluate.curve import gold_curve
+
+    prompts = [record["prompt"] for record in load_prompts(str(TINY_DATA / "prompts_test.jsonl"))[:4]]
+    assert gold_curve(DataArgs(gold_curve_points=0), prompts, str(tmp_path), 10) is None
+    assert gold_curve(DataArgs(gold_curve_points=3), None, str(tmp_path), 10) is None  # no held-out prompts
+    curve = gold_curve(DataArgs(gold_curve_points=3, gold_eval_max_new_tokens=3), prompts, str(tmp_path), 10)
+    model, tokenizer = load_causal_lm(TINY_BASE, ModelArgs()), load_tokenizer(TINY_BASE)
+    curve.start(model, tokenizer)
+    (start,) = read_curve(tmp_path / "gold_curve.jsonl")
+    assert curve.steps == [3, 7, 10] and "gold_reward" not in start
+    assert 0 < start["response_length"] <= 3 and start["eos_rate"] < 1  # the untrained base rambles past 3 tokens
