@@ -44,7 +44,7 @@ class GoldCurve:
         atomic_write(self.path, "".join(json.dumps(row) + "\n" for row in rows))
         self.offset = rows[-1]["seconds"] if rows else 0.0
         self.started = time.perf_counter()
-        if not rows:
+        if resumed_step == 0 and not rows:  # a resumed run's policy is not the starting one
             self.record(model, tokenizer, 0)
 
     def leave_out(self, seconds: float) -> None:

@@ -96,3 +96,9 @@ def test_the_stage_settings_pick_prompts_and_response_length(tmp_path):
     (start,) = read_curve(tmp_path / "gold_curve.jsonl")
     assert curve.steps == [3, 7, 10] and "gold_reward" not in start
     assert 0 < start["response_length"] <= 3 and start["eos_rate"] < 1  # the untrained base rambles past 3 tokens
+
+
+def test_a_resumed_run_without_its_curve_file_does_not_pass_its_policy_off_as_the_start(tmp_path):
+    curve = make_curve(tmp_path)
+    curve.start(None, None, resumed_step=8)  # None: sampling anything here would fail
+    assert read_curve(tmp_path / "gold_curve.jsonl") == [] and curve.offset == 0.0
