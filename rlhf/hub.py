@@ -310,7 +310,7 @@ def push_stage(manifest: Manifest, target: HubTarget) -> str:
     they existed gets them too."""
     from huggingface_hub import CommitOperationAdd, HfApi
 
-    from rlhf.stage import StageError
+    from rlhf.processes import StageError
 
     write_cards(manifest)
     files = pushed_files(manifest)

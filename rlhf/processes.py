@@ -19,6 +19,10 @@ import threading
 import time
 from pathlib import Path
 
+class StageError(RuntimeError):
+    """A stage that cannot go on (lock held, loss diverged); the message says what happened and what was kept."""
+
+
 PIPELINE_PID_ENV = "RLHF_PIPELINE_PID"  # set by `rlhf pipeline` for the stages it launches
 ERROR_FILE_ENV = "RLHF_ERROR_FILE"  # where a stage writes its one-line error, for the pipeline to repeat last
 HEARTBEAT_SECONDS = 1.0
@@ -223,7 +227,6 @@ def run_main(main, command: str, argv: list[str] | None = None) -> int:
     from rlhf.config import ConfigError
     from rlhf.data import DataError
     from rlhf.manifest import ManifestError
-    from rlhf.stage import StageError
 
     try:
         main(argv)

@@ -14,7 +14,7 @@ from conftest import REPO, held_out_curve, kill_when
 from rlhf import grpo, rloo
 from rlhf.cli import main as cli
 from rlhf.manifest import read_jsonl_log
-from rlhf.stage import COMPLETE_MARKER, complete_checkpoints
+from rlhf.checkpoints import COMPLETE_MARKER, complete_checkpoints
 
 GOLD_FUNCTION = "rlhf.tiny.task.gold_rewards"
 

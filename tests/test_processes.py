@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO
-from rlhf.stage import COMPLETE_MARKER, LOCK_NAME
+from rlhf.checkpoints import COMPLETE_MARKER
+from rlhf.stage import LOCK_NAME
 
 # The stages' error file / pipeline pid must not leak in from an outer `rlhf pipeline` running these tests.
 INHERITED = ("RLHF_PIPELINE_PID", "RLHF_ERROR_FILE")

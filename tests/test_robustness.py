@@ -10,7 +10,8 @@ import pytest
 
 from conftest import REPO, kill_when
 from rlhf.cli import main
-from rlhf.stage import COMPLETE_MARKER, complete_checkpoints, hold_output_lock
+from rlhf.checkpoints import COMPLETE_MARKER, complete_checkpoints
+from rlhf.stage import hold_output_lock
 
 SFT = ["sft", "--config", "recipes/tiny/sft.yaml"]
 PPO = ["ppo", "--config", "recipes/tiny/ppo.yaml", "--init_from", "nowhere/sft", "--reward_model", "nowhere/reward"]

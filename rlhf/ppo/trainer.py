@@ -311,7 +311,8 @@ def main(argv: list[str] | None = None):
     from rlhf.ppo.layouts import POLICY, build_models
     from rlhf.processes import start_processes
     from rlhf.rewards import record_columns, reward_statistics
-    from rlhf.stage import (StageError, check_checkpoint_config, load_gold_prompts, logs_folder, open_output,
+    from rlhf.checkpoints import check_checkpoint_config
+    from rlhf.stage import (StageError, load_gold_prompts, logs_folder, open_output,
                             point_trackers, stage_config, trackers, write_stage)
 
     report_to = trackers(args.report_to)
