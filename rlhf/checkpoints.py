@@ -10,7 +10,7 @@ from pathlib import Path
 from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from rlhf.processes import StageError, process_rank
+from rlhf.processes import StageError, is_main_process
 
 logger = logging.getLogger(__name__)
 
@@ -51,7 +51,7 @@ def last_complete_checkpoint(checkpoint_dir: Path) -> str | None:
 
 def discard_incomplete_checkpoints(checkpoint_dir: Path) -> None:
     """Remove checkpoint folders a killed run left half-written, so neither resume nor rotation picks them up."""
-    if not process_rank() == 0 or not checkpoint_dir.is_dir():
+    if not is_main_process() or not checkpoint_dir.is_dir():
         return
     done = set(complete_checkpoints(checkpoint_dir))
     for path in checkpoint_dir.glob(f"{PREFIX_CHECKPOINT_DIR}-*"):
@@ -85,5 +85,5 @@ def check_checkpoint_config(checkpoint_dir: Path, wanted_hash: str) -> None:
             f"{checkpoint_dir} holds checkpoints of a different configuration (hash {record.read_text().strip()}, "
             f"this run {wanted_hash}); delete that folder to start over, or use another output_dir"
         )
-    if process_rank() == 0:
+    if is_main_process():
         atomic_write(record, wanted_hash + "\n")

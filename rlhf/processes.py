@@ -19,6 +19,7 @@ import threading
 import time
 from pathlib import Path
 
+
 class StageError(RuntimeError):
     """A stage that cannot go on (lock held, loss diverged); the message says what happened and what was kept."""
 
@@ -39,6 +40,10 @@ def launched_world_size() -> int:
 
 def process_rank() -> int:
     return int(os.environ.get("RANK", "0"))
+
+
+def is_main_process() -> bool:
+    return process_rank() == 0
 
 
 def start_processes(ddp_timeout: float | None = None):

@@ -21,14 +21,10 @@ from rlhf.config import ConfigError, DataArgs, ModelArgs, to_plain_dict
 from rlhf.console import LogLastStep, count, say, say_header
 from rlhf.hub import HubArgs
 from rlhf.manifest import Manifest, ManifestError, write_manifest
-from rlhf.processes import StageError, process_rank
+from rlhf.processes import StageError, is_main_process
 from rlhf.trackers import logs_folder, point_trackers, trackers  # noqa: F401 (stages import them from here)
 
 logger = logging.getLogger(__name__)
-
-
-def is_main_process() -> bool:
-    return process_rank() == 0
 
 
 @dataclass

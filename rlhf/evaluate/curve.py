@@ -58,7 +58,7 @@ class GoldCurve:
     def record(self, model, tokenizer, step: int) -> dict:
         paused = time.perf_counter()
         from rlhf.data import prompt_text
-        from rlhf.evaluate.policy import sample_responses
+        from rlhf.evaluate.policy import sample_responses, summarise
 
         was_training, padding_side = model.training, tokenizer.padding_side
         model.eval()
@@ -70,12 +70,13 @@ class GoldCurve:
         model.train(was_training)
         tokenizer.padding_side = padding_side
         texts = samples["texts"]
-        row = {"step": step, "seconds": self.offset + paused - self.started,
-               "eos_rate": statistics.fmean(samples["ended"]), "response_length": statistics.fmean(samples["lengths"])}
-        if self.gold_reward is not None:
-            row["gold_reward"] = statistics.fmean(self.gold_reward(prompt_text(prompt), text)
-                                                  for prompt, text in zip(self.prompts, texts))
-        row["samples"] = [{"prompt": prompt, "response": text} for prompt, text in zip(self.prompts, texts)]
+        scores = ({"gold": [self.gold_reward(prompt_text(prompt), text) for prompt, text in zip(self.prompts, texts)]}
+                  if self.gold_reward is not None else {})
+        summary = summarise(samples, scores)
+        row = {"step": step, "seconds": self.offset + paused - self.started, "eos_rate": summary["eos_rate"],
+               "response_length": summary["response_length"],
+               **({"gold_reward": summary["gold_reward"]["mean"]} if scores else {}),
+               "samples": [{"prompt": prompt, "response": text} for prompt, text in zip(self.prompts, texts)]}
         with open(self.path, "a") as handle:
             handle.write(json.dumps(row) + "\n")
         self.leave_out(time.perf_counter() - paused)  # the evaluation is not training time

@@ -306,12 +306,12 @@ def main(argv: list[str] | None = None):
     from accelerate.utils import DistributedType
 
     from rlhf import data
+    from rlhf.checkpoints import check_checkpoint_config
     from rlhf.manifest import config_hash, resolve_parent, truncate_jsonl_log
     from rlhf.models import check_revision, stage_tokenizer
     from rlhf.ppo.layouts import POLICY, build_models
     from rlhf.processes import start_processes
     from rlhf.rewards import record_columns, reward_statistics
-    from rlhf.checkpoints import check_checkpoint_config
     from rlhf.stage import (StageError, load_gold_prompts, logs_folder, open_output,
                             point_trackers, stage_config, trackers, write_stage)
 
