@@ -243,7 +243,19 @@ def run_main(main, command: str, argv: list[str] | None = None) -> int:
             raise
         report_error(command, collective_failure_message(error), every_rank=True)
         os._exit(1)  # the process group is broken: shutting it down cleanly could wait forever
+    end_processes()
     return 0
+
+
+def end_processes() -> None:
+    """Destroy the process group once a command has finished. Left to interpreter shutdown, gloo's worker threads can
+    still hold tensors while Python is torn down, and the process aborts (SIGABRT, "terminate called without an active
+    exception") after it has done its work. Only after success: a rank that failed may leave others mid-collective,
+    and they end by their own timeout."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def resident_mib() -> tuple[float, float]:

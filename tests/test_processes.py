@@ -233,3 +233,23 @@ def test_pipeline_watch_sees_a_killed_pipeline_even_before_it_is_reaped():
     assert not _same_process_alive(*identity)
     pipeline.wait()
     assert not _same_process_alive(*identity)
+
+
+def test_a_finished_command_destroys_its_process_group_but_a_failed_one_leaves_it(tmp_path):
+    """Left to interpreter shutdown, gloo's worker threads can abort a process that has done its work (SIGABRT,
+    "terminate called without an active exception"), which fails a multi-process run after it succeeded."""
+    import torch.distributed as dist
+
+    from rlhf.config import ConfigError
+    from rlhf.processes import run_main
+
+    def failing(argv):
+        raise ConfigError("bad recipe")
+
+    try:
+        dist.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0, world_size=1)
+        assert run_main(failing, "sft", []) == 1 and dist.is_initialized()  # others may still be mid-collective
+        assert run_main(lambda argv: dist.barrier(), "sft", []) == 0 and not dist.is_initialized()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
