@@ -3,7 +3,8 @@
 rlhf.sources reads the raw records (files, folders, hub datasets); each loader here converts every record to one
 canonical layout and validates it, so bad data raises DataError before anything trains:
 
-    SFT:          {"messages": [{"role", "content"}, ...]}  (ends with an assistant turn), or {"text": "..."}
+    SFT:          {"messages": [{"role", "content"}, ...]}  (ends with an assistant turn),
+                  {"prompt": [...], "completion": [...]}  (the loss on the completion only), or {"text": "..."}
     preferences:  {"prompt": [...], "chosen": [...], "rejected": [...]}  (+ "margin", "subset")
     best-of-N:    {"prompt": [...], "chosen": [[...], ...], "rejected": [[...], ...]}  (+ "subset"; eval-rm only)
     prompts:      {"prompt": [...]}                               (+ extra scalar fields)
@@ -165,10 +166,15 @@ def normalise_sft_record(record: Any, where: str) -> dict:
     if "messages" in fields:
         field, messages = "messages", _messages(fields["messages"], where, "messages")
     elif "prompt" in fields or "completion" in fields:
+        # Kept as TRL's prompt-completion layout: TRL then trains on the completion only (completion_only_loss),
+        # as it does for this layout, with or without assistant_only_loss.
         prompt = _text_or_messages(_require(fields, "prompt", where), where, "prompt", "user")
         completion = _text_or_messages(_require(fields, "completion", where), where, "completion", "assistant")
         _check_prompt(prompt, where)
-        field, messages = "completion", prompt + completion
+        _check_response(completion, where, "completion")
+        if "system" in fields:
+            prompt = _with_system(fields["system"], prompt, where)
+        return {"prompt": prompt, "completion": completion}
     elif "text" in fields:  # plain text: TRL's language-modelling layout, the loss is on every token
         text = fields["text"]
         if not isinstance(text, str):
@@ -197,12 +203,17 @@ def _with_system(system: Any, messages: list[dict], where: str) -> list[dict]:
 def load_sft(source: str, split: str | None = None, *, config: str | None = None,
              on_bad_record: str = "error") -> list[Record]:
     records = _load(normalise_sft_record, source, on_bad_record, read_located(source, split, config))
-    mixed = next((record for record in records if ("text" in record) != ("text" in records[0])), None)
-    if mixed is not None:  # one dataset cannot be both: TRL picks the layout from the first record
-        layouts = ("plain text", "a conversation") if "text" in mixed else ("a conversation", "plain text")
-        raise DataError(f"{mixed.where}: {layouts[0]}, but the first record is {layouts[1]}; SFT data must be "
-                        "all conversations or all plain 'text'")
+    layout = _sft_layout(records[0]) if records else None
+    mixed = next((record for record in records if _sft_layout(record) != layout), None)
+    if mixed is not None:  # one dataset has one layout: TRL picks it from the first record
+        raise DataError(f"{mixed.where}: {_sft_layout(mixed)}, but the first record is {layout}; SFT data must be "
+                        "all 'messages' conversations, all 'prompt' + 'completion' or all plain 'text'")
     return records
+
+
+def _sft_layout(record: dict) -> str:
+    return ("plain text" if "text" in record else "prompt + completion" if "completion" in record
+            else "a conversation")
 
 
 # --------------------------------------------------------------------------- preferences

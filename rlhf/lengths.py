@@ -28,6 +28,8 @@ def _sequences(record: dict, kind: str) -> tuple[list[dict], list[tuple[str, lis
     """(prompt part, [(field, messages to render, add_generation_prompt)]) for one normalised record."""
     if kind == "sft" and "text" in record:
         return [], [("text", record["text"], False)]
+    if kind == "sft" and "completion" in record:
+        return record["prompt"], [("completion", record["prompt"] + record["completion"], False)]
     if kind == "sft":
         messages = record["messages"]
         return messages[:-1], [("messages", messages, False)]

@@ -51,12 +51,12 @@ def write_jsonl(path, records):
 def test_sft_layouts():
     messages = [user("hi"), assistant("hello")]
     assert normalise_sft_record({"messages": messages}, W) == {"messages": messages}
-    assert normalise_sft_record({"prompt": "hi", "completion": "hello"}, W) == {"messages": messages}
-    assert normalise_sft_record({"prompt": [user("hi")], "completion": [assistant("hello")]}, W) == {
-        "messages": messages
-    }
+    # prompt + completion stays TRL's prompt-completion layout (TRL trains on the completion only).
+    prompt_completion = {"prompt": [user("hi")], "completion": [assistant("hello")]}
+    assert normalise_sft_record({"prompt": "hi", "completion": "hello"}, W) == prompt_completion
+    assert normalise_sft_record(prompt_completion, W) == prompt_completion
     assert normalise_sft_record({"prompt": "hi", "completion": "hello", "system": "be nice"}, W) == {
-        "messages": [system("be nice")] + messages
+        "prompt": [system("be nice"), user("hi")], "completion": [assistant("hello")]
     }
     # Extra message keys are dropped; columnar None fields are ignored.
     record = {"messages": [dict(user("hi"), name="x"), assistant("hello")], "prompt": None}
@@ -105,9 +105,15 @@ def test_sft_plain_text_and_mixed_layouts_refused(tmp_path):
     path = write_jsonl(tmp_path / "text.jsonl", [{"text": "one"}, {"text": "two"}])
     assert load_sft(path) == [{"text": "one"}, {"text": "two"}]
     assert to_dataset(load_sft(path)).column_names == ["text"]
-    path = write_jsonl(tmp_path / "mixed.jsonl", [{"text": "one"}, {"prompt": "q", "completion": "a"}])
+    path = write_jsonl(tmp_path / "mixed.jsonl", [{"text": "one"}, {"messages": [user("q"), assistant("a")]}])
     with pytest.raises(DataError, match=r"mixed\.jsonl line 2: a conversation, but the first record is plain text; "
-                                        r"SFT data must be all conversations or all plain 'text'"):
+                                        r"SFT data must be all 'messages' conversations, all 'prompt' \+ 'completion' "
+                                        r"or all plain 'text'"):
+        load_sft(path)
+    path = write_jsonl(tmp_path / "mixed2.jsonl", [{"prompt": "q", "completion": "a"},
+                                                   {"messages": [user("q"), assistant("a")]}])
+    with pytest.raises(DataError, match=r"mixed2\.jsonl line 2: a conversation, but the first record is prompt \+ "
+                                        r"completion"):
         load_sft(path)
 
 
@@ -270,7 +276,8 @@ def test_prompts_from_a_preference_file_drop_the_responses(tmp_path):
 
 
 def test_an_empty_response_is_valid_but_an_empty_prompt_or_missing_field_is_not(tmp_path):
-    assert normalise_sft_record({"prompt": "hi", "completion": ""}, W) == {"messages": [user("hi"), assistant("")]}
+    assert normalise_sft_record({"prompt": "hi", "completion": ""}, W) == {"prompt": [user("hi")],
+                                                                          "completion": [assistant("")]}
     assert normalise_preference_record({"prompt": "q", "chosen": "", "rejected": "bad"}, W) == {
         "prompt": [user("q")], "chosen": [assistant("")], "rejected": [assistant("bad")]}
     common = "\n\nHuman: hi"
@@ -494,7 +501,7 @@ def test_check_lengths_names_json_records_and_survives_slicing(tokenizer, tmp_pa
     path = tmp_path / "sft.json"
     path.write_text(json.dumps([{"prompt": "a", "completion": "b"}, {"prompt": "a b", "completion": "c d e"}]))
     records = load_sft(str(path))[1:]  # max_train_samples-style slicing keeps each record's origin
-    with pytest.raises(DataError, match=r"sft\.json record 2, field 'messages': 7 tokens"):
+    with pytest.raises(DataError, match=r"sft\.json record 2, field 'completion': 7 tokens"):
         check_lengths(records, tokenizer, 6, str(path), "sft")
 
 

@@ -39,6 +39,31 @@ def test_only_assistant_tokens_are_in_the_loss(tmp_path):
     assert "Write a short review" in tokenizer.decode(untrained)
 
 
+@pytest.mark.parametrize("assistant_only_loss", [False, True])
+def test_prompt_completion_records_train_on_the_completion_only(tmp_path, assistant_only_loss):
+    """TRL's habit for prompt + completion data: the loss is on the completion, even without assistant_only_loss,
+    and an assistant turn inside the prompt (an earlier answer) is context, not a target."""
+    from trl import SFTConfig, SFTTrainer
+
+    from rlhf.data import normalise_sft_record, to_dataset
+
+    tokenizer = load_tokenizer(TINY_BASE)
+    record = normalise_sft_record({"system": "Be brief.", "prompt": [
+        {"role": "user", "content": "Write a short review of the kettle."},
+        {"role": "assistant", "content": "An old answer."},
+        {"role": "user", "content": "And the lamp?"},
+    ], "completion": "The lamp is awful."}, "sft.jsonl line 1")
+    args = SFTConfig(output_dir=str(tmp_path), assistant_only_loss=assistant_only_loss, bf16=False,
+                     report_to="none", max_length=256)
+    trainer = SFTTrainer(model=load_causal_lm(TINY_BASE, ModelArgs()), args=args,
+                         train_dataset=to_dataset([record]), processing_class=tokenizer)
+    batch = trainer.data_collator([trainer.train_dataset[0]])
+    labels = batch["labels"][0]
+    assert tokenizer.decode(labels[labels != -100].tolist()) == "The lamp is awful.<|im_end|>"
+    untrained = tokenizer.decode(batch["input_ids"][0][labels == -100])
+    assert "Be brief." in untrained and "An old answer." in untrained
+
+
 def test_sft_learns_the_task(sft_run):
     metrics = sft_run.metrics
     assert metrics["last_logged_loss"] < 0.92 * metrics["first_logged_loss"]
