@@ -140,7 +140,7 @@ def generate(
     model.eval()
     if engine == "paged":
         try:
-            with low_precision:
+            with low_precision, _only_these_settings(model):
                 response_ids = _generate_paged(model, prompt_ids, max_new_tokens, stops, tokenizer.pad_token_id,
                                                sampling).to(device)
         finally:
@@ -167,7 +167,7 @@ def generate(
         hooks.append(model.get_input_embeddings().register_forward_hook(
             lambda module, inputs, output: output.to(sampling_dtype)))
     try:
-        with low_precision:
+        with low_precision, _only_these_settings(model):
             output = model.generate(
                 input_ids=ids,
                 attention_mask=mask,
@@ -194,6 +194,25 @@ def generate(
     if step_head is not None:
         sample.head_outputs = torch.stack(head_outputs[:steps], dim=1)
     return sample
+
+
+@contextlib.contextmanager
+def _only_these_settings(model):
+    """Sample with the settings given here and nothing else. generate() fills every setting left unset from the
+    model's own generation_config, and checkpoints ship sampling defaults there (repetition_penalty, top_k, min_p,
+    no_repeat_ngram_size, ...): they would change the distribution the responses are drawn from but not the one
+    their log-probs are computed from (PPO's ratio and KL), and the paged engine would ignore them."""
+    # Every model inside (a peft wrapper's base, PPO's roles) that holds one, whichever generate() reads.
+    holders = [module for module in model.modules() if isinstance(vars(module).get("generation_config"),
+                                                                   GenerationConfig)]
+    shipped = [holder.generation_config for holder in holders]
+    for holder in holders:
+        holder.generation_config = GenerationConfig()
+    try:
+        yield
+    finally:
+        for holder, config in zip(holders, shipped):
+            holder.generation_config = config
 
 
 def _finish(tokenizer, prompt_ids, prompt_mask, response_ids, stops) -> Generation:

@@ -80,6 +80,29 @@ def test_sampled_logprobs_equal_a_full_forward(temperature, top_p):
     assert (sample.logprobs[sample.response_mask == 0] == 0).all()
 
 
+@pytest.mark.parametrize("engine", ["dynamic", "static", "paged"])
+def test_sampling_ignores_the_settings_a_checkpoint_ships(engine):
+    # Checkpoints ship sampling defaults in generation_config.json (repetition_penalty, top_k, ...). generate() would
+    # apply them, and the log-probs PPO scores (of the model's raw logits) would belong to another distribution.
+    model = tiny_llama(vocab=24)
+    prompts = [[3, 4, 5, 6], [7], [8, 3], [5, 5, 5], [6, 2, 4], [4]]
+    plain = generate(model, NumberTokenizer(), prompts, max_new_tokens=12, do_sample=False, engine=engine)
+    shipped = model.generation_config
+    shipped.update(repetition_penalty=5.0, no_repeat_ngram_size=1, min_new_tokens=12, top_k=1)
+    sample = generate(model, NumberTokenizer(), prompts, max_new_tokens=12, do_sample=False, engine=engine)
+    assert sample.texts == plain.texts and sample.ended.tolist() == plain.ended.tolist()
+    assert plain.ended.any()  # min_new_tokens, had it applied, would have kept every response from ending
+    assert model.generation_config is shipped and shipped.repetition_penalty == 5.0  # given back as it was
+    # Each greedy token is the argmax of the raw logits: what the returned log-probs are computed from.
+    ids = torch.cat([sample.prompt_ids, sample.response_ids], dim=1)
+    mask = torch.cat([sample.prompt_mask, sample.response_mask], dim=1)
+    with torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(1) - 1).clamp(min=0)).logits
+    argmax = logits[:, sample.prompt_ids.shape[1] - 1 : -1].argmax(-1)
+    real = sample.response_mask == 1
+    assert (argmax[real] == sample.response_ids[real]).all()
+
+
 @pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="the peak resident set is read from Linux /proc")
 def test_rollout_memory_grows_with_batch_and_steps_not_with_the_vocabulary():
     batch, steps, vocabs = 4, 256, (1000, 50000)
