@@ -74,6 +74,8 @@ def atomic_write(path: Path, content: str | bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        # mkstemp makes the file private (0600); give it the mode any new file gets, so teammates can read runs.
+        os.chmod(temp_name, 0o666 & ~current_umask())
         with os.fdopen(handle, "wb") as temp_file:
             temp_file.write(content.encode("utf-8") if isinstance(content, str) else content)
             temp_file.flush()
@@ -83,6 +85,12 @@ def atomic_write(path: Path, content: str | bytes) -> None:
         if os.path.exists(temp_name):
             os.unlink(temp_name)
         raise
+
+
+def current_umask() -> int:
+    mask = os.umask(0o022)  # reading it means setting it: put it straight back
+    os.umask(mask)
+    return mask
 
 
 def read_jsonl_log(path: Path) -> list[dict]:

@@ -116,6 +116,16 @@ def recipe_gold_reward(args: PipelineArgs, out: Path, stages: list[str]) -> str 
     return None
 
 
+def read_timings(path: Path) -> dict:
+    """pipeline.json: each stage's seconds, config hash and whether the last run skipped it. Written atomically, but
+    one a crash or a person left unreadable only loses timings, never the run."""
+    try:
+        return json.loads(path.read_text()) if path.is_file() else {}
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        print(f"[rlhf] pipeline: {path} is not valid JSON; the stage timings start afresh", flush=True)
+        return {}
+
+
 def run_stage(stage: str, argv: list[str], accelerate_config: str, stage_dir: Path) -> None:
     """Launch one stage and wait for it. The stage runs in its own process group, which a signal to the pipeline
     (Ctrl-C, SIGTERM, SIGHUP) takes down with it; its processes also watch the pipeline's pid and stop when it is
@@ -127,12 +137,14 @@ def run_stage(stage: str, argv: list[str], accelerate_config: str, stage_dir: Pa
 
     from rlhf.processes import ERROR_FILE_ENV, PIPELINE_PID_ENV
 
+    argv, hub_token = without_hub_token(argv)
     command = [sys.executable, "-m", "accelerate.commands.launch", "--quiet", "--config_file", accelerate_config,
                "-m", STAGE_MODULES[stage], *argv]
     print(f"[rlhf] pipeline: {stage}: {' '.join(command[2:])}", flush=True)
     error_file = stage_dir / ".error"
     error_file.unlink(missing_ok=True)
     env = {**os.environ, PIPELINE_PID_ENV: str(os.getpid()), ERROR_FILE_ENV: str(error_file),
+           **({"HF_TOKEN": hub_token} if hub_token else {}),
            # Without a GPU, accelerate's multi-process launcher runs CPU processes (gloo) only when told so.
            **({} if torch.cuda.is_available() else {"ACCELERATE_USE_CPU": "1"})}
     process = subprocess.Popen(command, env=env, start_new_session=True)
@@ -152,6 +164,23 @@ def run_stage(stage: str, argv: list[str], accelerate_config: str, stage_dir: Pa
         reason = error_file.read_text().strip() if error_file.is_file() else f"exit {returncode}; its output is above"
         raise ConfigError(f"stage '{stage}' failed: {reason}. Fix it and rerun: finished stages are skipped and this "
                           "one resumes from its checkpoints.")
+
+
+def without_hub_token(argv: list[str]) -> tuple[list[str], str | None]:
+    """(argv without --hub_token, the token): the stage gets the token as HF_TOKEN, which huggingface_hub reads,
+    so it is neither printed with the command nor visible to other users in the process list."""
+    kept, token, position = [], None, 0
+    while position < len(argv):
+        item = argv[position]
+        if item == "--hub_token" and position + 1 < len(argv):
+            token, position = argv[position + 1], position + 2
+            continue
+        if item.startswith("--hub_token="):
+            token = item.partition("=")[2]
+        else:
+            kept.append(item)
+        position += 1
+    return kept, token
 
 
 def stop_process_group(process, grace_seconds: float = 10.0) -> None:
@@ -189,12 +218,12 @@ def main(argv: list[str] | None = None) -> Path:
         if not recipe or not Path(recipe).is_file():
             raise ConfigError(f"pipeline: {stage}_recipe {recipe!r}: file not found")
 
-    from rlhf.manifest import is_complete
+    from rlhf.manifest import atomic_write, is_complete
 
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     timings_path = out / "pipeline.json"
-    timings = json.loads(timings_path.read_text()) if timings_path.is_file() else {}
+    timings = read_timings(timings_path)
     for stage in stages:
         stage_dir = out / stage
         argv = stage_argv(stage, args, out)
@@ -206,17 +235,27 @@ def main(argv: list[str] | None = None) -> Path:
         if not args.force and is_complete(stage_dir, wanted):
             print(f"[rlhf] pipeline: {stage}: up to date (config {wanted}), skipped", flush=True)
             timings.setdefault(stage, {})["skipped"] = True
-            timings_path.write_text(json.dumps(timings, indent=2))
+            atomic_write(timings_path, json.dumps(timings, indent=2))
             continue
         recorded = (stage_dir / HASH_FILE).read_text().strip() if (stage_dir / HASH_FILE).is_file() else None
-        if args.force or (stage_dir.exists() and recorded != wanted):
+        resumed = not args.force and stage_dir.exists() and recorded == wanted
+        if stage_dir.exists() and not resumed:
             shutil.rmtree(stage_dir, ignore_errors=True)  # changed or forced: start over, not from stale checkpoints
         stage_dir.mkdir(parents=True, exist_ok=True)
-        (stage_dir / HASH_FILE).write_text(wanted)
+        atomic_write(stage_dir / HASH_FILE, wanted)
+        # A resumed stage's time includes its runs before the kill (they are what it cost), as they were recorded.
+        earlier = timings.get(stage, {})
+        spent = earlier.get("seconds_so_far", 0.0) if resumed and earlier.get("config_hash") == wanted else 0.0
+        timings[stage] = {"seconds_so_far": spent, "skipped": False, "config_hash": wanted}
+        atomic_write(timings_path, json.dumps(timings, indent=2))
         started = time.perf_counter()
-        run_stage(stage, argv, args.accelerate_config, stage_dir)
-        timings[stage] = {"seconds": time.perf_counter() - started, "skipped": False, "config_hash": wanted}
-        timings_path.write_text(json.dumps(timings, indent=2))
+        try:
+            run_stage(stage, argv, args.accelerate_config, stage_dir)
+        finally:  # failed or stopped too: a rerun resumes the stage and adds on
+            timings[stage]["seconds_so_far"] = spent + time.perf_counter() - started
+            atomic_write(timings_path, json.dumps(timings, indent=2))
+        timings[stage]["seconds"] = timings[stage].pop("seconds_so_far")
+        atomic_write(timings_path, json.dumps(timings, indent=2))
 
     from rlhf.report import write_pipeline_report
 

@@ -72,3 +72,19 @@ def test_corrupt_manifest_is_reported(tmp_path):
     (tmp_path / "sft" / MANIFEST_NAME).write_text("{not json")
     with pytest.raises(ManifestError, match="not valid JSON"):
         read_manifest(tmp_path / "sft")
+
+
+def test_written_files_take_the_umask_not_the_private_mode_of_a_temp_file(tmp_path):
+    import os
+
+    from rlhf.manifest import atomic_write
+
+    previous = os.umask(0o022)
+    try:
+        atomic_write(tmp_path / "report.md", "hello")
+        os.umask(0o027)
+        atomic_write(tmp_path / "scores.json", "{}")
+    finally:
+        os.umask(previous)
+    assert (tmp_path / "report.md").stat().st_mode & 0o777 == 0o644  # teammates can read a run
+    assert (tmp_path / "scores.json").stat().st_mode & 0o777 == 0o640

@@ -47,6 +47,46 @@ def test_skip_force_and_config_change(tmp_path):
     assert read_manifest(tmp_path / "runs" / "sft").config_hash != first.config_hash
 
 
+def test_a_resumed_stage_counts_the_time_before_it_stopped(tmp_path, monkeypatch):
+    import time
+
+    import rlhf.pipeline as pipeline
+
+    real_run_stage, spent = pipeline.run_stage, []
+
+    def stopped_once(*args):
+        started = time.perf_counter()
+        try:
+            if not spent:  # the first attempt dies after a while, as a killed or crashed stage does
+                time.sleep(0.5)
+                raise ConfigError("stage 'sft' failed: stopped")
+            real_run_stage(*args)
+        finally:
+            spent.append(time.perf_counter() - started)
+
+    monkeypatch.setattr(pipeline, "run_stage", stopped_once)
+    recipe = write_recipe(tmp_path)
+    timings_path = tmp_path / "runs" / "pipeline.json"
+    with pytest.raises(ConfigError, match="stopped"):
+        main(["--config", recipe])
+    assert json.loads(timings_path.read_text())["sft"]["seconds_so_far"] == pytest.approx(spent[0], abs=0.05)
+    main(["--config", recipe])  # resumes: the same config, the stage folder kept
+    assert json.loads(timings_path.read_text())["sft"]["seconds"] == pytest.approx(sum(spent), abs=0.1)
+
+    timings_path.write_text('{"sft": {"seconds": 1')  # cut short: only the timings are lost, never the run
+    main(["--config", recipe])
+    assert json.loads(timings_path.read_text())["sft"]["skipped"] is True
+
+
+def test_a_hub_token_goes_to_the_stage_in_its_environment_not_its_command_line():
+    from rlhf.pipeline import without_hub_token
+
+    assert without_hub_token(["--lr", "1", "--hub_token", "hf_secret", "--x", "2"]) == (
+        ["--lr", "1", "--x", "2"], "hf_secret")
+    assert without_hub_token(["--hub_token=hf_secret"]) == ([], "hf_secret")
+    assert without_hub_token(["--push_to_hub", "true"]) == (["--push_to_hub", "true"], None)
+
+
 @pytest.mark.parametrize("changes, message", [
     ({"stages": ["sft", "rlhf"]}, "unknown stage"),
     ({"sft_recipe": "recipes/tiny/missing.yaml"}, "file not found"),
