@@ -31,6 +31,8 @@ STAGE_MODULES = {"sft": "rlhf.sft", "reward": "rlhf.reward", "dpo": "rlhf.dpo", 
 STAGE_ORDER = ["sft", "reward", "dpo", "ppo", "grpo", "rloo"]
 POLICY_STAGES = ["dpo", "ppo", "grpo", "rloo"]
 HASH_FILE = ".pipeline_hash"
+UPSTREAM = {"reward": ("sft",), "dpo": ("sft",), "ppo": ("sft", "reward"), "grpo": ("sft", "reward"),
+            "rloo": ("sft", "reward")}  # the stages each one starts from or is rewarded by
 
 
 @dataclass
@@ -114,6 +116,23 @@ def recipe_gold_reward(args: PipelineArgs, out: Path, stages: list[str]) -> str 
         if data_args.gold_reward:
             return data_args.gold_reward
     return None
+
+
+def retrained_upstream(stage: str, out: Path, stages: list[str]) -> str | None:
+    """The stage of this pipeline that `stage` starts from (sft; reward for the online methods) when that one
+    finished after `stage` did: its config is unchanged, so the config hash cannot tell (--force --only reward)."""
+    from datetime import datetime
+
+    from rlhf.manifest import ManifestError, read_manifest
+
+    def finished(name: str) -> datetime:
+        return datetime.strptime(read_manifest(out / name).created, "%Y-%m-%dT%H:%M:%S%z")
+
+    try:
+        return next((name for name in UPSTREAM.get(stage, ()) if name in stages
+                     and finished(name) > finished(stage)), None)
+    except (ManifestError, ValueError):  # not finished (or no time recorded): nothing to compare
+        return None
 
 
 def read_timings(path: Path) -> dict:
@@ -232,13 +251,16 @@ def main(argv: list[str] | None = None) -> Path:
                 raise ConfigError(f"pipeline: --only skips '{stage}', but {stage_dir} has no finished manifest")
             continue
         wanted = expected_hash(stage, argv)
-        if not args.force and is_complete(stage_dir, wanted):
+        retrained = retrained_upstream(stage, out, stages)
+        if retrained and is_complete(stage_dir, wanted):
+            print(f"[rlhf] pipeline: {stage}: '{retrained}' was trained again after it, so it runs again", flush=True)
+        elif not args.force and is_complete(stage_dir, wanted):
             print(f"[rlhf] pipeline: {stage}: up to date (config {wanted}), skipped", flush=True)
             timings.setdefault(stage, {})["skipped"] = True
             atomic_write(timings_path, json.dumps(timings, indent=2))
             continue
         recorded = (stage_dir / HASH_FILE).read_text().strip() if (stage_dir / HASH_FILE).is_file() else None
-        resumed = not args.force and stage_dir.exists() and recorded == wanted
+        resumed = not args.force and not retrained and stage_dir.exists() and recorded == wanted
         if stage_dir.exists() and not resumed:
             shutil.rmtree(stage_dir, ignore_errors=True)  # changed or forced: start over, not from stale checkpoints
         stage_dir.mkdir(parents=True, exist_ok=True)

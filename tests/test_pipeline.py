@@ -78,6 +78,25 @@ def test_a_resumed_stage_counts_the_time_before_it_stopped(tmp_path, monkeypatch
     assert json.loads(timings_path.read_text())["sft"]["skipped"] is True
 
 
+def test_a_stage_is_stale_when_a_stage_it_starts_from_finished_after_it(tmp_path):
+    from rlhf.manifest import Manifest, write_manifest
+    from rlhf.pipeline import retrained_upstream
+
+    def finish(stage, created):
+        write_manifest(Manifest(stage=stage, output_dir=str(tmp_path / stage), base_model="base",
+                                adapter_path="adapter", config={}, metrics={}, created=created))
+
+    finish("sft", "2026-11-27T09:00:00+0000")
+    finish("reward", "2026-11-27T09:05:00+0000")
+    finish("ppo", "2026-11-27T09:10:00+0000")
+    stages = ["sft", "reward", "ppo"]
+    assert retrained_upstream("ppo", tmp_path, stages) is None
+    finish("reward", "2026-11-27T10:00:00+0000")  # --force --only reward: same config, a new reward model
+    assert retrained_upstream("ppo", tmp_path, stages) == "reward"
+    assert retrained_upstream("ppo", tmp_path, ["sft", "ppo"]) is None  # not this pipeline's reward stage
+    assert retrained_upstream("dpo", tmp_path, stages + ["dpo"]) is None  # never finished: nothing to compare
+
+
 def test_a_hub_token_goes_to_the_stage_in_its_environment_not_its_command_line():
     from rlhf.pipeline import without_hub_token
 
