@@ -25,6 +25,16 @@ def prepare_checkpoints(training_args, output_dir: str, config: dict) -> str | N
     check_checkpoint_config(checkpoint_dir, config_hash(config))
     discard_incomplete_checkpoints(checkpoint_dir)
     last = last_complete_checkpoint(checkpoint_dir)
+    # TRL's habit: resume_from_checkpoint true (what a rerun does anyway) or a checkpoint folder.
+    asked = training_args.resume_from_checkpoint
+    if asked and str(asked).lower() not in ("true", "1", "yes"):
+        if not (Path(asked) / "trainer_state.json").is_file():
+            raise StageError(f"resume_from_checkpoint: {asked} is not a trainer checkpoint (no trainer_state.json); "
+                             f"name a checkpoint-N folder, or leave it out to resume from {checkpoint_dir}")
+        last = str(asked)
+    elif asked and not last:
+        raise StageError(f"resume_from_checkpoint: true, but {checkpoint_dir} holds no complete checkpoint to resume "
+                         "from; leave it out to start from scratch")
     if last:
         logger.warning("resuming from %s", last)
     return last

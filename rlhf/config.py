@@ -404,6 +404,9 @@ def _is_training_arguments_type(dataclass_type) -> bool:
     return isinstance(dataclass_type, type) and issubclass(dataclass_type, TrainingArguments)
 
 
+SECRET_KEYS = ("hub_token", "push_to_hub_token")
+
+
 def _move_hub_token(instance) -> None:
     """Keep the hub token out of the arguments: the HF Trainer pickles its TrainingArguments into training_args.bin in
     every checkpoint and adapter folder. huggingface_hub reads HF_TOKEN from the environment for uploads instead."""
@@ -417,6 +420,10 @@ def to_plain_dict(instance) -> dict:
     """A JSON-safe dict of a config dataclass, for manifests and hashing."""
     if hasattr(instance, "to_dict"):  # transformers TrainingArguments hides secrets (hub tokens) in to_dict
         values = instance.to_dict()
+        # ... by hiding every "*_token" value, TRL's eos_token and pad_token too: those are settings, not secrets,
+        # and must reach the hash and the manifest (unset they stay hidden, so older runs' hashes still match).
+        values.update({key: getattr(instance, key) for key in values if key.endswith("_token")
+                       and key not in SECRET_KEYS and getattr(instance, key, None) is not None})
     else:
         values = dataclasses.asdict(instance)
     return {key: _json_safe(value) for key, value in values.items()}

@@ -192,8 +192,10 @@ class NonFiniteLossGuard(TrainerCallback):
     def on_log(self, args, state, control, logs=None, **kwargs):
         # Trainer filters NaN/inf out of the logged loss by default; a non-finite gradient norm still shows it.
         logs = logs or {}
-        bad = [(key, logs[key]) for key in ("loss", "grad_norm") if isinstance(logs.get(key), float)
-               and not math.isfinite(logs[key])]
+        # Under fp16 the gradient scaler overflows now and then by design; it skips that step, so an inf
+        # gradient norm there is no divergence.
+        keys = ("loss",) if args.fp16 else ("loss", "grad_norm")
+        bad = [(key, logs[key]) for key in keys if isinstance(logs.get(key), float) and not math.isfinite(logs[key])]
         if bad:
             name, loss = bad[0]
             last = last_complete_checkpoint(Path(args.output_dir))
@@ -217,7 +219,7 @@ class GoldCurveCallback(TrainerCallback):
 
         if not state.is_world_process_zero or not self.data_args.gold_curve_points:
             return
-        if args.fsdp or args.deepspeed:
+        if model_is_sharded(args):
             logger.warning("gold_curve_points: skipped, the model is sharded over the processes")
             return
         self.curve = gold_curve(self.data_args, self.prompts, self.output_dir, state.max_steps, args.seed)
@@ -227,6 +229,15 @@ class GoldCurveCallback(TrainerCallback):
     def on_step_end(self, args, state, control, model=None, processing_class=None, **kwargs):
         if self.curve and self.curve.due(state.global_step):
             self.curve.record(model, processing_class, state.global_step)
+
+
+def model_is_sharded(args) -> bool:
+    """FSDP or DeepSpeed, set in the training arguments or by the accelerate config the stage was launched with
+    (which leaves args.fsdp and args.deepspeed empty and says so in the environment)."""
+    from accelerate.utils import parse_flag_from_env
+
+    return bool(args.fsdp or args.deepspeed or parse_flag_from_env("ACCELERATE_USE_FSDP")
+                or parse_flag_from_env("ACCELERATE_USE_DEEPSPEED"))
 
 
 def stage_callbacks(output_dir: str, data_args: DataArgs | None = None,
@@ -364,6 +375,9 @@ def stage_config(model_args: ModelArgs, data_args: DataArgs, training_args, stag
     for section in ("training", "stage", "data"):
         for key in RUN_ONLY_KEYS:
             config.get(section, {}).pop(key, None)
+    # Where to resume from says how the run is carried out, not what it trains; None keeps older runs' hashes.
+    if "resume_from_checkpoint" in config["training"]:
+        config["training"]["resume_from_checkpoint"] = None
     # TRL's GRPO/RLOO configs fill an unset generation_batch_size from the number of processes, so the pipeline (one
     # process) and the launched stage (N) would hash different values; the settings it is made of are hashed.
     config["training"].pop("generation_batch_size", None)

@@ -465,3 +465,18 @@ def test_alignment_handbook_style_recipe_runs(tmp_path):
 def test_config_given_with_equals_is_read(tmp_path):
     model_args, _ = parse_args((ModelArgs, DataArgs), [f"--config={write(tmp_path, 'lora_r: 4')}"])
     assert model_args.lora_r == 4
+
+
+def test_trl_token_settings_reach_the_hash_while_the_hub_token_stays_hidden():
+    from trl import DPOConfig, RewardConfig
+
+    from rlhf.config import to_plain_dict
+
+    def plain(config_type, **values):
+        return to_plain_dict(config_type(output_dir="out", report_to="none", bf16=False, **values))
+
+    default = plain(RewardConfig)
+    assert default["eos_token"] == "<EOS_TOKEN>"  # unset: as before, so older runs' hashes still match
+    assert plain(RewardConfig, eos_token="<|end|>")["eos_token"] == "<|end|>"
+    assert plain(DPOConfig, pad_token="<|pad|>")["pad_token"] == "<|pad|>"
+    assert plain(RewardConfig, hub_token="hf_secret")["hub_token"] == "<HUB_TOKEN>"

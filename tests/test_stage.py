@@ -161,3 +161,67 @@ def test_keys_added_later_leave_older_hashes_alone_at_their_default():
         assert key not in default_config[section]  # as in a configuration written before the key existed
     assert hashed(data_args=DataArgs(gold_eval_split="validation"))[1] != default_hash
     assert hashed(model_args=ModelArgs(model_revision="v2"))[1] != default_hash
+
+
+def test_an_inf_gradient_norm_stops_a_run_except_where_fp16_loss_scaling_skips_that_step(tmp_path):
+    from types import SimpleNamespace
+
+    from rlhf.processes import StageError
+    from rlhf.stage import NonFiniteLossGuard
+
+    state = SimpleNamespace(global_step=7)
+    fp32, fp16 = (SimpleNamespace(fp16=fp16, output_dir=str(tmp_path)) for fp16 in (False, True))
+    with pytest.raises(StageError, match="gradient norm became inf at step 7"):
+        NonFiniteLossGuard().on_log(fp32, state, None, logs={"loss": 2.3, "grad_norm": float("inf")})
+    NonFiniteLossGuard().on_log(fp16, state, None, logs={"loss": 2.3, "grad_norm": float("inf")})  # scaler skips it
+    with pytest.raises(StageError, match="loss became nan at step 7"):
+        NonFiniteLossGuard().on_log(fp16, state, None, logs={"loss": float("nan"), "grad_norm": 1.0})
+
+
+@pytest.mark.parametrize("variable", ["ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED"])
+def test_a_model_sharded_by_the_accelerate_config_gets_no_curve_sampled_by_one_process(monkeypatch, variable):
+    # accelerate launch --config_file fsdp.yaml leaves args.fsdp empty: one process sampling alone would hang the rest.
+    from types import SimpleNamespace
+
+    from rlhf.config import DataArgs
+    from rlhf.stage import GoldCurveCallback, model_is_sharded
+
+    args = SimpleNamespace(fsdp="", deepspeed=None, seed=0)
+    assert not model_is_sharded(args)
+    monkeypatch.setenv(variable, "true")
+    assert model_is_sharded(args)
+    callback = GoldCurveCallback(DataArgs(gold_curve_points=3), "unused", [[{"role": "user", "content": "hi"}]])
+    callback.on_train_begin(args, SimpleNamespace(is_world_process_zero=True, max_steps=10, global_step=0), None)
+    assert callback.curve is None
+
+
+def test_resume_from_checkpoint_as_trl_users_pass_it(tmp_path):
+    from types import SimpleNamespace
+
+    from trl import SFTConfig
+
+    from rlhf.checkpoints import COMPLETE_MARKER, prepare_checkpoints
+    from rlhf.config import DataArgs, ModelArgs
+    from rlhf.manifest import config_hash
+    from rlhf.processes import StageError
+    from rlhf.stage import stage_config
+
+    def hashed(resume):
+        args = SFTConfig(output_dir=str(tmp_path), resume_from_checkpoint=resume, report_to="none", bf16=False)
+        return config_hash(stage_config(ModelArgs(), DataArgs(), args))
+
+    assert hashed("true") == hashed(None) == hashed("/elsewhere/checkpoint-4")  # not part of what is trained
+    config = {"training": {}}
+    with pytest.raises(StageError, match="holds no complete checkpoint"):
+        prepare_checkpoints(SimpleNamespace(resume_from_checkpoint="true"), str(tmp_path / "a"), config)
+    named = tmp_path / "elsewhere" / "checkpoint-4"
+    named.mkdir(parents=True)
+    with pytest.raises(StageError, match="not a trainer checkpoint"):
+        prepare_checkpoints(SimpleNamespace(resume_from_checkpoint=str(named)), str(tmp_path / "b"), config)
+    (named / "trainer_state.json").write_text("{}")
+    assert prepare_checkpoints(SimpleNamespace(resume_from_checkpoint=str(named)), str(tmp_path / "c"),
+                               config) == str(named)
+    done = tmp_path / "d" / "checkpoints" / "checkpoint-2"
+    done.mkdir(parents=True)
+    (done / COMPLETE_MARKER).write_text("")
+    assert prepare_checkpoints(SimpleNamespace(resume_from_checkpoint="true"), str(tmp_path / "d"), config) == str(done)
