@@ -299,11 +299,17 @@ def _read_recipe(path: str, dataclass_types) -> tuple[dict, set[str]]:
             hint = did_you_mean(key, [*known, *aliases], show=repr)
             hint = f" {hint[:1].upper()}{hint[1:]}{'' if hint.endswith('?') else '.'}" if hint else ""
             raise ConfigError(f"recipe {path}: unknown key '{key}'.{hint} Run with --help to list the keys.")
-        annotation, _ = known[aliases.get(key, key)]
+        annotation, owner = known[aliases.get(key, key)]
         value = recipe[key] = _recipe_value(value, annotation)
         if not _matches_type(value, annotation):
             raise ConfigError(f"recipe {path}: key '{key}' expects {_describe(annotation)}, got "
                               f"{type(value).__name__} {value!r}{_type_hint(value, annotation)}")
+        # argparse checks choices on the command line only; a recipe's values become its defaults, unchecked.
+        choices = next(item.metadata.get("choices") for item in dataclasses.fields(owner)
+                       if item.name == aliases.get(key, key))
+        if choices and value not in choices:
+            raise ConfigError(f"recipe {path}: key '{key}' expects one of {', '.join(map(str, choices))}, got "
+                              f"{value!r}")
     pairs, used = canonical(recipe.items(), aliases, f"recipe {path}: ", show=repr)
     return {**dict(pairs), **({"env": env} if env else {})}, used
 

@@ -267,11 +267,12 @@ class HubArgs:
 class HubTarget:
     repo_id: str
     private: bool | None = None
+    revision: str | None = None  # a branch (made when missing); None: main
 
 
-def push_target(stage_args, output_dir: str) -> HubTarget | None:
+def push_target(stage_args, output_dir: str, revision: str | None = None) -> HubTarget | None:
     """Where a finished stage goes when `push_to_hub` is on, checked before anything trains: not offline, a
-    token to push with (HF_TOKEN or `hf auth login`), a valid repo id."""
+    token to push with (HF_TOKEN or `hf auth login`), a valid repo id. `revision`: the TRL configs' hub_revision."""
     if not getattr(stage_args, "push_to_hub", False):
         return None
     from huggingface_hub import get_token
@@ -291,7 +292,7 @@ def push_target(stage_args, output_dir: str) -> HubTarget | None:
     if not get_token():
         raise ConfigError("push_to_hub: no Hugging Face token; set HF_TOKEN (or pass --hub_token, or run "
                           "`hf auth login`)")
-    return HubTarget(repo_id, stage_args.hub_private_repo)
+    return HubTarget(repo_id, stage_args.hub_private_repo, revision or None)
 
 
 def pushed_files(manifest: Manifest) -> dict[str, Path]:
@@ -317,12 +318,16 @@ def push_stage(manifest: Manifest, target: HubTarget) -> str:
     api = HfApi()
     try:
         repo = api.create_repo(target.repo_id, private=target.private, exist_ok=True)
+        if target.revision:
+            api.create_branch(repo.repo_id, branch=target.revision, exist_ok=True)
         api.create_commit(repo.repo_id, operations=[CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(path))
                                                     for name, path in files.items()],
-                          commit_message=f"rlhf {manifest.stage} (config {manifest.config_hash})")
+                          commit_message=f"rlhf {manifest.stage} (config {manifest.config_hash})",
+                          revision=target.revision)
     except Exception as error:  # network, permissions, quota: the stage itself is finished and kept
         raise StageError(f"push_to_hub: uploading {manifest.output_dir} to {target.repo_id} failed "
                          f"({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}); the stage "
                          "is finished and saved; rerun the same command to push it") from None
-    print(f"[rlhf] {manifest.stage}: pushed {len(files)} files to {repo}", flush=True)
+    branch = f" (branch {target.revision})" if target.revision else ""
+    print(f"[rlhf] {manifest.stage}: pushed {len(files)} files to {repo}{branch}", flush=True)
     return str(repo)

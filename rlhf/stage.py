@@ -293,7 +293,7 @@ def require(value, name: str, stage: str) -> None:
         raise ConfigError(f"{stage}: '{name}' is required (set it in the recipe or pass --{name})")
 
 
-def start_stage(stage: str, stage_args, output_dir: str | None):
+def start_stage(stage: str, stage_args, output_dir: str | None, hub_revision: str | None = None):
     """What every stage does first, before it reads any data: the console (library output silenced unless
     --verbose), and with push_to_hub the checks that the finished stage can be uploaded. Returns where to push it
     (rlhf.hub.HubTarget) or None."""
@@ -301,7 +301,7 @@ def start_stage(stage: str, stage_args, output_dir: str | None):
 
     console.start(stage_args.verbose, uses_datasets=stage != "ppo")
     require(output_dir, "output_dir", stage)
-    return hub.push_target(stage_args, output_dir)
+    return hub.push_target(stage_args, output_dir, hub_revision)
 
 
 def start_trl_stage(stage: str, training_args, stage_args, **required):
@@ -312,7 +312,7 @@ def start_trl_stage(stage: str, training_args, stage_args, **required):
 
     from rlhf.processes import start_processes
 
-    push_to = start_stage(stage, stage_args, training_args.output_dir)
+    push_to = start_stage(stage, stage_args, training_args.output_dir, training_args.hub_revision)
     for name, value in required.items():
         require(value, name, stage)
     trackers(training_args.report_to)
@@ -333,7 +333,7 @@ def open_trl_output(stage: str, model_args: ModelArgs, data_args: DataArgs, trai
     config = stage_config(model_args, data_args, training_args, stage_args, parent)
     output_dir = training_args.output_dir
     lock, finished = open_output(stage, output_dir, config, stage_args.overwrite,
-                                 push_to=push_target(stage_args, output_dir))
+                                 push_to=push_target(stage_args, output_dir, training_args.hub_revision))
     if not finished:
         # Seed before the model is built: the reward head, value head and LoRA weights are initialised before the
         # trainer seeds itself, so without this two runs of one recipe start from different weights.

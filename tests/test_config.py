@@ -480,3 +480,14 @@ def test_trl_token_settings_reach_the_hash_while_the_hub_token_stays_hidden():
     assert plain(RewardConfig, eos_token="<|end|>")["eos_token"] == "<|end|>"
     assert plain(DPOConfig, pad_token="<|pad|>")["pad_token"] == "<|pad|>"
     assert plain(RewardConfig, hub_token="hf_secret")["hub_token"] == "<HUB_TOKEN>"
+
+
+@pytest.mark.parametrize("key, value", [("dtype", "auto"), ("torch_dtype", "auto"), ("on_bad_record", "raise"),
+                                        ("length_policy", "cut")])
+def test_a_recipe_value_outside_a_keys_choices_is_refused_as_a_flag_would_be(tmp_path, key, value):
+    from rlhf.sft import ARG_TYPES
+
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(f"{key}: {value}\n")
+    with pytest.raises(ConfigError, match=rf"recipe {recipe}: key '{key}' expects one of .*, got '{value}'"):
+        parse_args(ARG_TYPES, ["--config", str(recipe), "--output_dir", str(tmp_path / "out")])

@@ -56,8 +56,12 @@ class RecordingHfApi:
         full_id = repo_id if "/" in repo_id else f"me/{repo_id}"  # the hub puts a bare name under the token's user
         return huggingface_hub.RepoUrl(f"https://huggingface.co/{full_id}")
 
-    def create_commit(self, repo_id, operations, commit_message="", **kwargs):
-        RecordingHfApi.calls.append(("create_commit", repo_id, sorted(op.path_in_repo for op in operations)))
+    def create_branch(self, repo_id, branch, exist_ok=False, **kwargs):
+        RecordingHfApi.calls.append(("create_branch", repo_id, branch))
+
+    def create_commit(self, repo_id, operations, commit_message="", revision=None, **kwargs):
+        RecordingHfApi.calls.append(("create_commit", repo_id, sorted(op.path_in_repo for op in operations))
+                                    + ((revision,) if revision else ()))
         for operation in operations:  # every file named exists and would be read
             assert open(operation.path_or_fileobj, "rb").read(1) is not None
 
@@ -162,6 +166,10 @@ def test_stage_pushes_once_when_finished_and_trl_does_not_push(tmp_path, fake_hu
     assert [call[0] for call in fake_hub] == ["create_repo", "create_commit"] and fake_hub[0][1] == "me/tiny-sft"
     assert sft.main(argv).config_hash == manifest.config_hash
     assert [call[0] for call in fake_hub] == ["create_repo", "create_commit"] * 2
+    fake_hub.clear()
+    sft.main(argv + ["--hub_revision", "exp-1"])  # TRL's hub_revision: that branch, made when missing
+    assert fake_hub[1:] == [("create_branch", "me/tiny-sft", "exp-1"),
+                            ("create_commit", "me/tiny-sft", fake_hub[2][2], "exp-1")]
 
 
 @pytest.mark.parametrize("change, message", [
