@@ -205,11 +205,16 @@ def load_stage_output(manifest: Manifest, model_args: ModelArgs, head: str | Non
     else:
         model = load_pretrained(manifest.base_model, model_args, head, pad_token_id)
     if adapter_dir:
-        from peft import PeftModel
+        from peft import PeftConfig, PeftModel
 
+        config = PeftConfig.from_pretrained(adapter_dir)
+        if head != stage_head(manifest):
+            # An SFT adapter under a reward head: peft would wrap the model for the adapter's task (a causal LM's
+            # generation hooks), which a sequence classifier lacks; the LoRA weights merge into the body alike.
+            config.task_type = None
         # peft loads the adapter for inference and freezes every weight; give back what from_pretrained gives for a
         # merged copy (all trainable), or full fine-tuning from this stage would have nothing to train.
-        model = PeftModel.from_pretrained(model, adapter_dir).merge_and_unload().requires_grad_(True)
+        model = PeftModel.from_pretrained(model, adapter_dir, config=config).merge_and_unload().requires_grad_(True)
     return model
 
 

@@ -189,6 +189,13 @@ def test_stage_rebuilt_from_its_adapter_is_trainable_like_its_merged_copy(tmp_pa
     model = load_stage_output(read_manifest(tmp_path), model_args)
     assert not any("lora" in name for name, _ in model.named_parameters())  # merged: a plain model
     assert all(parameter.requires_grad for parameter in model.parameters())
+    # The same SFT adapter under a reward head (a reward stage started from it): the body merged as above.
+    from rlhf.models import REWARD
+
+    reward_model = load_stage_output(read_manifest(tmp_path), model_args, head=REWARD, pad_token_id=0)
+    assert type(reward_model).__name__ == "LlamaForSequenceClassification"
+    body, reward_body = model.model.state_dict(), reward_model.model.state_dict()
+    assert body.keys() == reward_body.keys() and all(torch.equal(body[key], reward_body[key]) for key in body)
 
 
 def test_saved_adapter_loads_from_any_working_directory(sft_run, tmp_path, monkeypatch):
