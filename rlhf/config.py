@@ -8,6 +8,7 @@ key and the expected type. TRL's names for our keys (rlhf.trl_names) are accepte
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import re
 import sys
@@ -367,6 +368,7 @@ def parse_args(dataclass_types, argv: list[str] | None = None, prog: str | None 
     for instance in instances:
         if _is_training_arguments(instance):
             check_training_ranges(instance)
+            _refuse_model_init_kwargs(instance)
         _move_hub_token(instance)
     if "dataset_name" in trl_names | flag_trl_names:
         _evaluate_like_trl(instances)
@@ -408,6 +410,24 @@ def _is_training_arguments_type(dataclass_type) -> bool:
     from transformers import TrainingArguments
 
     return isinstance(dataclass_type, type) and issubclass(dataclass_type, TrainingArguments)
+
+
+# TRL's model_init_kwargs keys and the recipe keys that do their job here.
+MODEL_INIT_KEYS = {"dtype": "dtype", "torch_dtype": "dtype", "attn_implementation": "attn_implementation",
+                   "trust_remote_code": "trust_remote_code", "revision": "model_revision"}
+
+
+def _refuse_model_init_kwargs(training_args) -> None:
+    """The stages load every model themselves (rlhf.models) and hand TRL a built one, which makes TRL ignore
+    model_init_kwargs: refused rather than silently dropped, naming the keys that do the same here."""
+    for name in ("model_init_kwargs", "ref_model_init_kwargs"):
+        value = getattr(training_args, name, None)
+        if not value:
+            continue
+        keys = json.loads(value) if isinstance(value, str) else value
+        instead = ", ".join(f"{key} -> {MODEL_INIT_KEYS[key]}" for key in keys if key in MODEL_INIT_KEYS)
+        raise ConfigError(f"{name}: the stages load the models themselves, so TRL would ignore it; set the model "
+                          f"keys of the recipe instead ({instead or ', '.join(sorted(set(MODEL_INIT_KEYS.values())))})")
 
 
 SECRET_KEYS = ("hub_token", "push_to_hub_token")

@@ -491,3 +491,13 @@ def test_a_recipe_value_outside_a_keys_choices_is_refused_as_a_flag_would_be(tmp
     recipe.write_text(f"{key}: {value}\n")
     with pytest.raises(ConfigError, match=rf"recipe {recipe}: key '{key}' expects one of .*, got '{value}'"):
         parse_args(ARG_TYPES, ["--config", str(recipe), "--output_dir", str(tmp_path / "out")])
+
+
+def test_model_init_kwargs_are_refused_with_the_recipe_keys_that_do_their_job(tmp_path):
+    from rlhf.dpo import ARG_TYPES
+
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("bf16: false\nmodel_init_kwargs:\n  torch_dtype: bfloat16\n  attn_implementation: sdpa\n")
+    with pytest.raises(ConfigError, match=r"model_init_kwargs: the stages load the models themselves.*"
+                                          r"torch_dtype -> dtype, attn_implementation -> attn_implementation"):
+        parse_args(ARG_TYPES, ["--config", str(recipe), "--output_dir", str(tmp_path / "out")])
