@@ -1,16 +1,20 @@
-"""Normalise and validate records for every stage (SFT, reward model, DPO, PPO, evaluation).
+"""Normalise and validate records for every stage (SFT, reward model, DPO, PPO, GRPO, RLOO, evaluation).
 
 rlhf.sources reads the raw records (files, folders, hub datasets); each loader here converts every record to one
-canonical layout and validates it, so bad data raises DataError before anything trains:
+canonical layout and validates it (rlhf.records holds the checks the layouts share), so bad data raises DataError
+before anything trains:
 
     SFT:          {"messages": [{"role", "content"}, ...]}  (ends with an assistant turn),
                   {"prompt": [...], "completion": [...]}  (the loss on the completion only), or {"text": "..."}
     preferences:  {"prompt": [...], "chosen": [...], "rejected": [...]}  (+ "margin", "subset")
     best-of-N:    {"prompt": [...], "chosen": [[...], ...], "rejected": [[...], ...]}  (+ "subset"; eval-rm only)
-    prompts:      {"prompt": [...]}                               (+ extra scalar fields)
+    prompts:      {"prompt": [...]}                 (+ the record's other fields, each of one kind in every record)
 
-An empty response ("") is a valid answer. A malformed record stops the load (on_bad_record "error", the default) or
-is left out (on_bad_record "skip"), and then the count and the first reasons are printed: nothing goes silently.
+A `system` field becomes the prompt's first message (every layout but plain text); a `prompt` string in HH-RLHF form
+("\\n\\nHuman: ...\\n\\nAssistant:") becomes its turns. An empty response ("") is a valid answer. A malformed record
+stops the load (on_bad_record "error", the default) or is left out (on_bad_record "skip"), and then the count and the
+first reasons are printed: nothing goes silently. Once a stage has its tokenizer, fit_records checks what only the
+tokenizer can tell (rlhf.lengths): text already in chat-template form, and lengths against max_length.
 """
 
 from __future__ import annotations
@@ -20,12 +24,23 @@ from collections.abc import Mapping
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
-from rlhf.config import ConfigError
-from rlhf.lengths import KINDS, LENGTH_POLICIES, check_lengths  # noqa: F401 (re-exported)
+from rlhf.lengths import KINDS, LENGTH_POLICIES, check_chat_markup, check_lengths  # noqa: F401 (re-exported)
+from rlhf.records import (  # noqa: F401 (Record is re-exported)
+    Record,
+    check_prompt,
+    check_response,
+    normalise_all,
+    number_field,
+    parse_messages,
+    parse_text_or_messages,
+    present_fields,
+    require_field,
+    unknown_format,
+    with_system,
+)
 from rlhf.sources import (  # noqa: F401 (DataError, read_records and SUPPORTED_EXTENSIONS are re-exported)
     SUPPORTED_EXTENSIONS,
     DataError,
-    Located,
     field_error,
     read_located,
     read_records,
@@ -37,9 +52,6 @@ if TYPE_CHECKING:
 
     from rlhf.config import DataArgs
 
-ROLES = ("system", "user", "assistant")
-ON_BAD_RECORD = ("error", "skip")
-SKIP_REASONS_SHOWN = 3
 SCORE_FIELDS = ("score_chosen", "score_rejected")
 PAIRS, BEST_OF_N = "pairs", "best_of_n"
 
@@ -52,130 +64,76 @@ PREFERENCE_LAYOUTS = (
 PROMPT_LAYOUTS = ("'prompt'", "'messages'", "'chosen' + 'rejected' conversations (the prompt they share)")
 
 
-class Record(dict):
-    """A normalised record that remembers where it was read (`where`: "data.jsonl line 4", "data.json record 2"),
-    so checks made after loading (check_lengths) name the same place as the loaders' own errors. It is a dict and
-    compares equal to one; to_dataset writes plain rows, so `where` never reaches a dataset."""
+# --------------------------------------------------------------------------- HH-RLHF text and explicit prompts
 
-    def __init__(self, fields: Mapping, where: str):
-        super().__init__(fields)
-        self.where = where
+_HH_TURN = re.compile(r"(?:\A|\n\n)(Human|Assistant):")
+_HH_ROLES = {"Human": "user", "Assistant": "assistant"}
 
 
-def _load(normalise, source: str, on_bad_record: str, located: Located) -> list[Record]:
-    """Normalise every located record; a bad one raises (on_bad_record "error") or is counted and left out ("skip")."""
-    if on_bad_record not in ON_BAD_RECORD:
-        raise ConfigError(f"on_bad_record: expected one of {', '.join(ON_BAD_RECORD)}, got {on_bad_record!r}")
-    unreadable = next((raw for _, raw in located if isinstance(raw, DataError)), None)
-    if unreadable is not None and on_bad_record == "error":  # a broken file is named before any record's fields
-        raise unreadable
-    records, reasons = [], []
-    for where, raw in located:
-        try:
-            if isinstance(raw, DataError):  # could not be read as a record at all (not JSON, not an object)
-                raise raw
-            records.append(Record(normalise(raw, where), where))
-        except DataError as error:
-            if on_bad_record == "error":
-                raise
-            reasons.append(str(error).removeprefix(f"{source} "))
-    if reasons:
-        first = "; ".join(reasons[:SKIP_REASONS_SHOWN])
-        if not records:
-            raise DataError(f"{source}: all {len(located)} records are malformed, nothing is left; first: {first}")
-        print(f"[rlhf] skipped {len(reasons)} of {len(located)} records in {source} (on_bad_record: skip); "
-              f"first: {first}", flush=True)
-    return records
+def _is_hh_text(value: Any) -> bool:
+    return isinstance(value, str) and value.lstrip().startswith("Human:") and "\n\nAssistant:" in value
 
 
-# --------------------------------------------------------------------------- shared checks
+def hh_rlhf_to_messages(text: str, where: str) -> list[dict]:
+    """Parse an Anthropic HH-RLHF transcript ("\\n\\nHuman: ...\\n\\nAssistant: ...") into messages."""
+    parts = _HH_TURN.split(text)  # [preamble, speaker, text, speaker, text, ...]
+    preamble, turns = parts[0], parts[1:]
+    if preamble.strip() or not turns:
+        raise DataError(f"{where}: expected an HH-RLHF transcript starting with 'Human:', got {text[:40]!r}")
+    return [{"role": _HH_ROLES[speaker], "content": content.strip()}
+            for speaker, content in zip(turns[0::2], turns[1::2])]
 
 
-def _present_fields(record: Any, where: str) -> dict:
-    """The record's fields minus None values: columnar formats (parquet, hub) fill absent fields with None."""
-    if not isinstance(record, Mapping):
-        raise DataError(f"{where}: expected a JSON object, got {_type_name(record)}")
-    return {key: value for key, value in record.items() if value is not None}
+def _explicit_prompt(value: Any, where: str) -> list[dict]:
+    """A `prompt` field: messages, plain text (one user message) or an HH-RLHF transcript. An empty final assistant
+    turn (HH-RLHF's closing "Assistant:") only says who speaks next, and is dropped."""
+    if _is_hh_text(value):
+        messages = hh_rlhf_to_messages(value, f"{where}, field 'prompt'")
+    else:
+        messages = parse_text_or_messages(value, where, "prompt", "user")
+    if len(messages) > 1 and messages[-1] == {"role": "assistant", "content": ""}:
+        messages = messages[:-1]
+    return messages
 
 
-def _require(fields: dict, name: str, where: str) -> Any:
-    if name not in fields:
-        raise field_error(where, name, "missing required field")
-    return fields[name]
+def _response(value: Any, where: str, field: str, after_hh_prompt: bool) -> list[dict]:
+    """A response field (completion, chosen, rejected). After an HH-RLHF prompt a string is a whole transcript or the
+    text after its "Assistant:", whose surrounding space is dropped as the transcript parser drops it from each turn."""
+    if after_hh_prompt and isinstance(value, str):
+        if _is_hh_text(value):
+            return hh_rlhf_to_messages(value, f"{where}, field '{field}'")
+        return [{"role": "assistant", "content": value.strip()}]
+    return parse_text_or_messages(value, where, field, "assistant")
 
 
-def _unknown_format(where: str, record: Mapping, layouts: tuple[str, ...]) -> DataError:
-    return DataError(f"{where}: unknown format; expected one of: {'; '.join(layouts)}; "
-                     f"found keys: {sorted(record) or 'none'}")
-
-
-def _message(value: Any, where: str, field: str) -> dict:
-    if not isinstance(value, Mapping) or "role" not in value or "content" not in value:
-        found = sorted(value) if isinstance(value, Mapping) else _type_name(value)
-        raise field_error(where, field, f"expected a message with 'role' and 'content', got {found}")
-    role, content = value["role"], value["content"]
-    if role not in ROLES:
-        raise field_error(where, f"{field}.role", f"expected one of {', '.join(ROLES)}, got {role!r}")
-    if not isinstance(content, str):
-        raise field_error(where, f"{field}.content", f"expected a string, got {_type_name(content)}")
-    return {"role": role, "content": content}
-
-
-def _messages(value: Any, where: str, field: str) -> list[dict]:
-    if not isinstance(value, list):
-        raise field_error(where, field, f"expected a list of messages, got {_type_name(value)}")
-    if not value:
-        raise field_error(where, field, "expected a non-empty list of messages")
-    return [_message(item, where, f"{field}[{index}]") for index, item in enumerate(value)]
-
-
-def _text_or_messages(value: Any, where: str, field: str, role: str) -> list[dict]:
-    """A plain string becomes a single message from `role`; a list must already be messages."""
-    if isinstance(value, str):
-        return [{"role": role, "content": value}]
-    if isinstance(value, list):
-        return _messages(value, where, field)
-    raise field_error(where, field, f"expected a string or a list of messages, got {_type_name(value)}")
-
-
-def _check_prompt(messages: list[dict], where: str, field: str = "prompt") -> None:
-    if all(not message["content"].strip() for message in messages):
-        raise field_error(where, field, "prompt is empty")
-
-
-def _check_response(messages: list[dict], where: str, field: str) -> None:
-    """The final assistant turn is what gets trained or scored, so it must exist. It may be empty: saying nothing is
-    an answer a rater can prefer or reject (HH-RLHF has such pairs)."""
-    if not messages or messages[-1]["role"] != "assistant":
-        last = repr(messages[-1]["role"]) if messages else "nothing"
-        raise field_error(where, field, f"expected the conversation to end with an assistant turn, got {last}")
-
-
-def _number(fields: dict, name: str, where: str) -> float:
-    value = _require(fields, name, where)
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise field_error(where, name, f"expected a number, got {_type_name(value)}")
-    return float(value)
+def _without_repeated_prompt(prompt: list[dict], *responses: list[dict]) -> tuple[list[dict], ...]:
+    """Some datasets (e.g. UltraFeedback binarized) repeat the prompt at the start of each response: cut it off."""
+    size = len(prompt)
+    if all(response[:size] == prompt for response in responses):
+        return tuple(response[size:] for response in responses)
+    return responses
 
 
 # --------------------------------------------------------------------------- SFT
 
 
 def normalise_sft_record(record: Any, where: str) -> dict:
-    fields = _present_fields(record, where)
+    fields = present_fields(record, where)
     if "messages" in fields:
-        field, messages = "messages", _messages(fields["messages"], where, "messages")
-    elif "prompt" in fields or "completion" in fields:
+        messages = with_system(fields, parse_messages(fields["messages"], where, "messages"), where)
+        check_response(messages, where, "messages")
+        return {"messages": messages}
+    if "prompt" in fields or "completion" in fields:
         # Kept as TRL's prompt-completion layout: TRL then trains on the completion only (completion_only_loss),
         # as it does for this layout, with or without assistant_only_loss.
-        prompt = _text_or_messages(_require(fields, "prompt", where), where, "prompt", "user")
-        completion = _text_or_messages(_require(fields, "completion", where), where, "completion", "assistant")
-        _check_prompt(prompt, where)
-        _check_response(completion, where, "completion")
-        if "system" in fields:
-            prompt = _with_system(fields["system"], prompt, where)
-        return {"prompt": prompt, "completion": completion}
-    elif "text" in fields:  # plain text: TRL's language-modelling layout, the loss is on every token
+        prompt = _explicit_prompt(require_field(fields, "prompt", where), where)
+        completion = _response(require_field(fields, "completion", where), where, "completion",
+                               _is_hh_text(fields["prompt"]))
+        (completion,) = _without_repeated_prompt(prompt, completion)
+        check_prompt(prompt, where)
+        check_response(completion, where, "completion")
+        return {"prompt": with_system(fields, prompt, where), "completion": completion}
+    if "text" in fields:  # plain text: TRL's language-modelling layout, the loss is on every token
         text = fields["text"]
         if not isinstance(text, str):
             raise field_error(where, "text", f"expected a string, got {_type_name(text)}")
@@ -184,25 +142,12 @@ def normalise_sft_record(record: Any, where: str) -> dict:
         if "system" in fields:
             raise field_error(where, "system", "a plain-text record has no conversation to add a system message to")
         return {"text": text}
-    else:
-        raise _unknown_format(where, record, SFT_LAYOUTS)
-    if "system" in fields:
-        messages = _with_system(fields["system"], messages, where)
-    _check_response(messages, where, field)
-    return {"messages": messages}
-
-
-def _with_system(system: Any, messages: list[dict], where: str) -> list[dict]:
-    if not isinstance(system, str):
-        raise field_error(where, "system", f"expected a string, got {_type_name(system)}")
-    if messages[0]["role"] == "system":  # two system turns break most chat templates
-        raise field_error(where, "system", "the conversation already starts with a system message")
-    return [{"role": "system", "content": system}] + messages
+    raise unknown_format(where, record, SFT_LAYOUTS)
 
 
 def load_sft(source: str, split: str | None = None, *, config: str | None = None,
              on_bad_record: str = "error") -> list[Record]:
-    records = _load(normalise_sft_record, source, on_bad_record, read_located(source, split, config))
+    records = normalise_all(normalise_sft_record, source, on_bad_record, read_located(source, split, config))
     layout = _sft_layout(records[0]) if records else None
     mixed = next((record for record in records if _sft_layout(record) != layout), None)
     if mixed is not None:  # one dataset has one layout: TRL picks it from the first record
@@ -218,30 +163,13 @@ def _sft_layout(record: dict) -> str:
 
 # --------------------------------------------------------------------------- preferences
 
-_HH_TURN = re.compile(r"(?:\A|\n\n)(Human|Assistant):")
-_HH_ROLES = {"Human": "user", "Assistant": "assistant"}
-
-
-def _is_hh_text(text: str) -> bool:
-    return text.lstrip().startswith("Human:") and "\n\nAssistant:" in text
-
-
-def hh_rlhf_to_messages(text: str, where: str) -> list[dict]:
-    """Parse an Anthropic HH-RLHF transcript ("\\n\\nHuman: ...\\n\\nAssistant: ...") into messages."""
-    parts = _HH_TURN.split(text)  # [preamble, speaker, text, speaker, text, ...]
-    preamble, turns = parts[0], parts[1:]
-    if preamble.strip() or not turns:
-        raise DataError(f"{where}: expected an HH-RLHF transcript starting with 'Human:', got {text[:40]!r}")
-    return [{"role": _HH_ROLES[speaker], "content": content.strip()}
-            for speaker, content in zip(turns[0::2], turns[1::2])]
-
 
 def normalise_preference_record(record: Any, where: str, margin_from_scores: bool = False) -> dict:
     """One pair; with margin_from_scores its margin is score_chosen - score_rejected (UltraFeedback's ratings)."""
-    fields = _present_fields(record, where)
+    fields = present_fields(record, where)
     if not {"prompt", "chosen", "rejected"} & fields.keys():
-        raise _unknown_format(where, record, PREFERENCE_LAYOUTS)
-    chosen, rejected = _require(fields, "chosen", where), _require(fields, "rejected", where)
+        raise unknown_format(where, record, PREFERENCE_LAYOUTS)
+    chosen, rejected = require_field(fields, "chosen", where), require_field(fields, "rejected", where)
     if _is_best_of_n(chosen, rejected):
         raise DataError(f"{where}, fields 'chosen' and 'rejected': lists of responses (the best-of-N layout of "
                         "RewardBench 2), which only eval-rm scores; training needs one chosen and one rejected "
@@ -250,25 +178,22 @@ def normalise_preference_record(record: Any, where: str, margin_from_scores: boo
         prompt, chosen, rejected = _split_explicit(fields["prompt"], chosen, rejected, where)
     else:
         prompt, chosen, rejected = _split_implicit(chosen, rejected, where)
-    _check_prompt(prompt, where)
-    _check_response(chosen, where, "chosen")
-    _check_response(rejected, where, "rejected")
+    check_prompt(prompt, where)
+    check_response(chosen, where, "chosen")
+    check_response(rejected, where, "rejected")
     if chosen == rejected:
         raise DataError(f"{where}, fields 'chosen' and 'rejected': identical; "
                         "a pair needs two different responses")
-    return {"prompt": prompt, "chosen": chosen, "rejected": rejected,
+    return {"prompt": with_system(fields, prompt, where), "chosen": chosen, "rejected": rejected,
             **_preference_extras(fields, where, margin_from_scores)}
 
 
 def _split_explicit(prompt: Any, chosen: Any, rejected: Any, where: str) -> tuple[list, list, list]:
-    prompt = _text_or_messages(prompt, where, "prompt", "user")
-    chosen = _text_or_messages(chosen, where, "chosen", "assistant")
-    rejected = _text_or_messages(rejected, where, "rejected", "assistant")
-    # Some datasets (e.g. UltraFeedback binarized) repeat the prompt at the start of each response.
-    size = len(prompt)
-    if chosen[:size] == prompt and rejected[:size] == prompt:
-        chosen, rejected = chosen[size:], rejected[size:]
-    return prompt, chosen, rejected
+    after_hh_prompt = _is_hh_text(prompt)
+    prompt = _explicit_prompt(prompt, where)
+    chosen = _response(chosen, where, "chosen", after_hh_prompt)
+    rejected = _response(rejected, where, "rejected", after_hh_prompt)
+    return (prompt, *_without_repeated_prompt(prompt, chosen, rejected))
 
 
 def _conversation(value: Any, where: str, field: str) -> list[dict]:
@@ -280,7 +205,7 @@ def _conversation(value: Any, where: str, field: str) -> list[dict]:
                     "strings rather than conversations or HH-RLHF 'Human:/Assistant:' transcripts)")
     if not isinstance(value, list):
         raise field_error(where, field, f"expected a string or a list of messages, got {_type_name(value)}")
-    return _messages(value, where, field)
+    return parse_messages(value, where, field)
 
 
 def _split_implicit(chosen: Any, rejected: Any, where: str) -> tuple[list, list, list]:
@@ -315,9 +240,9 @@ def _preference_extras(fields: dict, where: str, margin_from_scores: bool) -> di
     if margin_from_scores:
         if "margin" in fields:
             raise field_error(where, "margin", "given as well as margin_from_scores; use one or the other")
-        extras["margin"] = _number(fields, "score_chosen", where) - _number(fields, "score_rejected", where)
+        extras["margin"] = number_field(fields, "score_chosen", where) - number_field(fields, "score_rejected", where)
     elif "margin" in fields:
-        extras["margin"] = _number(fields, "margin", where)
+        extras["margin"] = number_field(fields, "margin", where)
     return {**extras, **_subset(fields, where)}
 
 
@@ -341,7 +266,19 @@ def load_preferences(source: str, split: str | None = None, *, config: str | Non
         print(f"[rlhf] {source}: 'score_chosen'/'score_rejected' are ignored; set margin_from_scores: true to train "
               "the reward model with margin = score_chosen - score_rejected", flush=True)
     normalise = partial(normalise_preference_record, margin_from_scores=margin_from_scores)
-    return _load(normalise, source, on_bad_record, located)
+    pairs = normalise_all(normalise, source, on_bad_record, located)
+    _check_margins(pairs)
+    return pairs
+
+
+def _check_margins(pairs: list[Record]) -> None:
+    """Every pair has a margin or none does. A missing one would become None, which TRL's reward collator cannot
+    turn into a tensor; and no default is neutral (0 reads as "barely preferred" next to labelled pairs)."""
+    labelled = sum("margin" in pair for pair in pairs)
+    unlabelled = next((pair for pair in pairs if "margin" not in pair), None)
+    if labelled and unlabelled is not None:
+        raise DataError(f"{unlabelled.where}: no 'margin', but {labelled} of the {len(pairs)} records have one; "
+                        "give every record a margin or none")
 
 
 # --------------------------------------------------------------------------- best-of-N (RewardBench 2)
@@ -360,8 +297,8 @@ def _responses(value: Any, where: str, field: str) -> list[list[dict]]:
                     f"{_type_name(value) if not isinstance(value, list) else 'an empty list'}")
     responses = []
     for index, item in enumerate(items):
-        response = _text_or_messages(item, where, f"{field}[{index}]", "assistant")
-        _check_response(response, where, f"{field}[{index}]")
+        response = parse_text_or_messages(item, where, f"{field}[{index}]", "assistant")
+        check_response(response, where, f"{field}[{index}]")
         responses.append(response)
     return responses
 
@@ -369,11 +306,13 @@ def _responses(value: Any, where: str, field: str) -> list[list[dict]]:
 def normalise_best_of_n_record(record: Any, where: str) -> dict:
     """A prompt with several chosen and several rejected responses (RewardBench 2: one chosen and three rejected; its
     Ties subset has several of each). Scored correct when every chosen response beats every rejected one."""
-    fields = _present_fields(record, where)
-    prompt = _text_or_messages(_require(fields, "prompt", where), where, "prompt", "user")
-    _check_prompt(prompt, where)
-    return {"prompt": prompt, "chosen": _responses(_require(fields, "chosen", where), where, "chosen"),
-            "rejected": _responses(_require(fields, "rejected", where), where, "rejected"), **_subset(fields, where)}
+    fields = present_fields(record, where)
+    prompt = _explicit_prompt(require_field(fields, "prompt", where), where)
+    check_prompt(prompt, where)
+    return {"prompt": with_system(fields, prompt, where),
+            "chosen": _responses(require_field(fields, "chosen", where), where, "chosen"),
+            "rejected": _responses(require_field(fields, "rejected", where), where, "rejected"),
+            **_subset(fields, where)}
 
 
 def load_rm_eval(source: str, split: str | None = None, *, config: str | None = None,
@@ -382,38 +321,83 @@ def load_rm_eval(source: str, split: str | None = None, *, config: str | None = 
     located = read_located(source, split, config)
     first = next((raw for _, raw in located if isinstance(raw, Mapping)), {})
     if _is_best_of_n(first.get("chosen"), first.get("rejected")):
-        return BEST_OF_N, _load(normalise_best_of_n_record, source, on_bad_record, located)
-    return PAIRS, _load(normalise_preference_record, source, on_bad_record, located)
+        return BEST_OF_N, normalise_all(normalise_best_of_n_record, source, on_bad_record, located)
+    return PAIRS, normalise_all(normalise_preference_record, source, on_bad_record, located)
 
 
 # --------------------------------------------------------------------------- prompts
 
-_SCALARS = (str, int, float, bool)
+_PROMPT_SOURCES = ("prompt", "messages", "chosen", "rejected", "system")  # fields that make the prompt, not columns
+# The kinds of value a column may hold, as one dataset column type (arrow stores ints and floats as one number type).
+_VALUE_KINDS = ((bool, "boolean"), ((int, float), "number"), (str, "string"), (list, "list"), (Mapping, "object"))
 
 
 def normalise_prompt_record(record: Any, where: str) -> dict:
-    fields = _present_fields(record, where)
+    fields = present_fields(record, where)
     if "prompt" in fields:
-        field, messages = "prompt", _text_or_messages(fields["prompt"], where, "prompt", "user")
+        field, messages = "prompt", _explicit_prompt(fields["prompt"], where)
+        if messages[-1]["role"] == "assistant":  # cutting it off would change what the policy is asked
+            raise field_error(where, "prompt", "ends with an assistant turn (a prefill for the response to continue), "
+                              "which the online stages do not support: the policy answers in a new assistant turn. "
+                              "End the prompt with a user turn (a reference answer can go in a field of its own, "
+                              "which reward functions receive)")
     elif "messages" in fields:
-        field, messages = "messages", _messages(fields["messages"], where, "messages")
+        field, messages = "messages", parse_messages(fields["messages"], where, "messages")
+        if messages[-1]["role"] == "assistant":  # a conversation's final answer is a reference, not part of the ask
+            messages = messages[:-1]
     elif "chosen" in fields and "rejected" in fields:  # a preference file without a prompt column
         field, messages = "chosen", _split_implicit(fields["chosen"], fields["rejected"], where)[0]
     else:
-        raise _unknown_format(where, record, PROMPT_LAYOUTS)
-    # A trailing assistant turn is a reference answer, not part of what the policy is asked.
-    if messages[-1]["role"] == "assistant":
-        messages = messages[:-1]
-    _check_prompt(messages, where, field)
-    extras = {key: value for key, value in fields.items()
-              if key not in ("prompt", "messages", "chosen", "rejected") and isinstance(value, _SCALARS)}
-    return {"prompt": messages, **extras}
+        raise unknown_format(where, record, PROMPT_LAYOUTS)
+    check_prompt(messages, where, field)
+    columns = {key: value for key, value in fields.items() if key not in _PROMPT_SOURCES}
+    return {"prompt": with_system(fields, messages, where), **columns}
 
 
 def load_prompts(source: str, split: str | None = None, *, config: str | None = None,
                  on_bad_record: str = "error") -> list[Record]:
-    """Prompts from a prompt file, or from a preference file (its responses are dropped, other scalar fields kept)."""
-    return _load(normalise_prompt_record, source, on_bad_record, read_located(source, split, config))
+    """Prompts from a prompt file, or from a preference file (its responses are dropped, other fields kept)."""
+    records = normalise_all(normalise_prompt_record, source, on_bad_record, read_located(source, split, config))
+    _check_column_kinds(records)
+    return records
+
+
+def _kind_name(value: Any) -> str:
+    return next((name for types, name in _VALUE_KINDS if isinstance(value, types)), _type_name(value))
+
+
+def _value_kind(value: Any, where: str, column: str) -> str:
+    """"number", "string", "boolean", "object", "list" (empty) or "list of <kind>s": lists differ by what they hold."""
+    kind = _kind_name(value)
+    if kind != "list" or not value:
+        return kind
+    items = sorted({_kind_name(item) for item in value if item is not None})
+    if len(items) > 1:
+        raise field_error(where, column, f"a list mixing {' and '.join(item + 's' for item in items)}; a dataset "
+                          "column holds one kind of value (arrow could not store it)")
+    return f"list of {items[0]}s" if items else kind
+
+
+def _check_column_kinds(records: list[Record]) -> None:
+    """Every extra column holds one kind of value in all records (a None, or a field left out, fits any): a dataset
+    column has one type, and arrow would refuse mixed ones (4 then "Bob") only once the trainer builds its dataset."""
+    seen: dict[str, tuple[str, str]] = {}  # column -> (kind, where the first record with that kind was read)
+    for record in records:
+        for column, value in record.items():
+            if column == "prompt":
+                continue
+            kind = _value_kind(value, record.where, column)
+            first_kind, first_where = seen.setdefault(column, (kind, record.where))
+            if first_kind == "list" and kind.startswith("list"):  # an empty list fits any list; a full one says more
+                seen[column] = (kind, record.where)
+            elif kind != first_kind and not (kind == "list" and first_kind.startswith("list")):
+                raise field_error(record.where, column, f"{_with_article(kind)}, but {first_where} has "
+                                  f"{_with_article(first_kind)}; a column must hold one kind of value in every record "
+                                  "(it becomes one dataset column: numbers, strings, booleans, lists or objects)")
+
+
+def _with_article(kind: str) -> str:
+    return f"{'an' if kind[0] in 'aeiou' else 'a'} {kind}"
 
 
 # --------------------------------------------------------------------------- a stage's data
@@ -438,6 +422,20 @@ def _load_kind(kind: str, source: str, split: str, data_args: DataArgs) -> list[
     return {"sft": load_sft, "prompt": load_prompts}[KINDS[kind]](source, split, **options)
 
 
+def fit_records(records: list[Record] | None, tokenizer: Any, max_length: int | None, source: str, kind: str,
+                policy: str, stage: str, why: str | None = None) -> list[Record] | None:
+    """check_lengths for a stage's training or evaluation records (None: no records, None back), run whether or not
+    max_length is set: it also refuses text already in chat-template form. The records the policy leaves out are
+    counted and said (`why`: the reason given; the length_policy by default)."""
+    if records is None:
+        return None
+    kept = check_lengths(records, tokenizer, max_length, source, kind, policy)
+    if len(kept) < len(records):
+        print(f"[rlhf] {stage}: {len(records) - len(kept)} of {len(records)} records in {source} are longer than "
+              f"max_length {max_length} tokens and are left out ({why or f'length_policy: {policy}'})", flush=True)
+    return kept
+
+
 # --------------------------------------------------------------------------- datasets
 
 
@@ -451,14 +449,5 @@ def to_dataset(records: list[dict]) -> datasets.Dataset:
 
     # Dataset.from_list takes its columns from the first record only, so give every record every key.
     columns = list(dict.fromkeys(key for record in records for key in record))
-    if "margin" in columns:
-        # A missing margin would become None, which TRL's reward collator cannot turn into a tensor; and no
-        # default is neutral (0 reads as "barely preferred" next to labelled pairs), so the data must say.
-        unlabelled = next((index for index, record in enumerate(records) if "margin" not in record), None)
-        if unlabelled is not None:
-            where = getattr(records[unlabelled], "where", f"record {unlabelled + 1}")
-            labelled = sum("margin" in record for record in records)
-            raise DataError(f"{where}: no 'margin', but {labelled} of the {len(records)} records have one; "
-                            "give every record a margin or none")
     rows = [{column: record.get(column) for column in columns} for record in records]
     return datasets.Dataset.from_list(rows)

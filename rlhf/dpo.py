@@ -56,8 +56,12 @@ def main(argv: list[str] | None = None):
     train_pairs, eval_pairs = data.load_train(data_args, "preference"), data.load_eval(data_args, "preference")
     gold_prompts = load_gold_prompts(data_args)
     tokenizer, base_model, parent = start_tokenizer(model_args, PARENT_STAGES)
-    if training_args.max_length:
-        train_pairs = data.check_lengths(train_pairs, tokenizer, training_args.max_length, data_args.train_data, "preference", data_args.length_policy)
+    # Training and evaluation pairs alike: TRL would silently drop pairs whose prompt fills max_length, and wrap text
+    # already in chat-template form in the template again.
+    max_length, policy = training_args.max_length, data_args.length_policy
+    train_pairs = data.fit_records(train_pairs, tokenizer, max_length, data_args.train_data, "preference", policy,
+                                   STAGE)
+    eval_pairs = data.fit_records(eval_pairs, tokenizer, max_length, data_args.eval_data, "preference", policy, STAGE)
     config, lock, finished, resume_from = open_trl_output(  # noqa: F841 (lock held until the process ends)
         STAGE, model_args, data_args, training_args, stage_args, parent)
     if finished:

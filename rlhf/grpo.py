@@ -8,7 +8,9 @@ Each step samples num_generations completions per prompt, scores them (reward_mo
 reward_weights), and takes each completion's advantage against its group: no critic, no value model. The parent
 policy's adapter is merged into the base and a new adapter trains on top; the reference (KL term, beta > 0) is the
 same model with that adapter disabled. Every TRL option applies (num_generations, beta, loss_type, epsilon,
-scale_rewards, temperature, max_completion_length, ...). `rlhf rloo` is the same stage on TRL's RLOOTrainer.
+scale_rewards, temperature, max_completion_length, ...). eval_data (prompts) is scored after training, and every
+eval_steps with eval_strategy: steps (TRL's evaluation: eval_reward, eval_loss, ...). `rlhf rloo` is the same stage
+on TRL's RLOOTrainer.
 """
 
 from __future__ import annotations
@@ -49,6 +51,18 @@ def arg_types(method: str) -> tuple:
 ARG_TYPES = arg_types(STAGE)
 
 
+def check_eval_batches(method: str, training_args) -> None:
+    """TRL evaluates whole groups of num_generations_eval completions per prompt (num_generations when unset), so an
+    evaluation batch must hold whole groups; TRL checks only when eval_strategy evaluates during training, and the
+    evaluation after training would otherwise fail with a shape error once the model has trained."""
+    group = training_args.num_generations_eval or training_args.num_generations
+    batch = training_args.per_device_eval_batch_size * training_args.world_size
+    if batch % group:
+        raise ConfigError(f"{method}: eval_data is scored in groups of {group} completions per prompt "
+                          f"(num_generations_eval, else num_generations), so per_device_eval_batch_size x processes "
+                          f"({batch}) must be a multiple of {group}")
+
+
 def main(argv: list[str] | None = None, method: str = STAGE, description: str = __doc__):
     # Config
     model_args, data_args, training_args, stage_args = parse_args(
@@ -60,13 +74,24 @@ def main(argv: list[str] | None = None, method: str = STAGE, description: str = 
     from rlhf import data, rewards
     from rlhf.models import start_tokenizer
 
-    prompt_records = data.load_train(data_args, "prompt")
+    prompt_records, eval_records = data.load_train(data_args, "prompt"), data.load_eval(data_args, "prompt")
+    if eval_records:
+        check_eval_batches(method, training_args)
     gold_prompts = load_gold_prompts(data_args)
     tokenizer, base_model, parent = start_tokenizer(model_args, PARENT_STAGES)
+    # TRL's GRPO and RLOO do not cut prompts (no max_prompt_length): only the check for chat-template text applies.
+    policy = data_args.length_policy
+    prompt_records = data.fit_records(prompt_records, tokenizer, None, data_args.train_data, "prompt", policy, method)
+    eval_records = data.fit_records(eval_records, tokenizer, None, data_args.eval_data, "prompt", policy, method)
     reward_manifest = rewards.reward_manifest(stage_args)
     rewards.check_reward_sources(method, stage_args, reward_manifest)
     statistics = rewards.reward_statistics(method, reward_manifest, stage_args.normalize_reward) if reward_manifest else None
     functions = rewards.load_reward_functions(stage_args.reward_funcs, prompt_records[:2])
+    if eval_records:  # the evaluation prompts' columns reach the functions too
+        try:
+            rewards.load_reward_functions(stage_args.reward_funcs, eval_records[:2])
+        except ConfigError as error:
+            raise ConfigError(f"eval_data {data_args.eval_data}: {error}") from None
     n_rewards = bool(stage_args.reward_source) + len(functions)
     if training_args.reward_weights is not None and len(training_args.reward_weights) != n_rewards:
         raise ConfigError(f"{method}: reward_weights has {len(training_args.reward_weights)} weights for {n_rewards} "
@@ -98,12 +123,16 @@ def main(argv: list[str] | None = None, method: str = STAGE, description: str = 
         reward_funcs=reward_funcs,
         args=training_args,
         train_dataset=data.to_dataset(prompt_records),
+        eval_dataset=data.to_dataset(eval_records) if eval_records else None,
         processing_class=tokenizer,
         peft_config=lora_config(model_args) if model_args.use_lora else None,
         callbacks=stage_callbacks(output_dir, data_args, gold_prompts),
     )
     train_result = train(trainer, method, resume_from)
     metrics = training_metrics(trainer, train_result)
+    if eval_records:  # the mean reward (and loss, KL, ...) of num_generations completions per held-out prompt
+        evaluation = trainer.evaluate()
+        metrics.update({key: value for key, value in evaluation.items() if key.startswith("eval_")})
 
     # Save
     reference = ("parent policy (parent adapter merged into the base) with this stage's adapter disabled"

@@ -1,7 +1,9 @@
-"""Token lengths of normalised records (rlhf.data) against a stage's max_length, by length_policy."""
+"""Checks of normalised records (rlhf.data) that need the stage's tokenizer: no text already in chat-template form
+(check_chat_markup), and token lengths against max_length, by length_policy (check_lengths, which runs both)."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -40,10 +42,55 @@ def _sequences(record: dict, kind: str) -> tuple[list[dict], list[tuple[str, lis
     return prompt, [("prompt", prompt, True)]
 
 
-def check_lengths(records: list[dict], tokenizer: Any, max_length: int, source: str, kind: str,
+def _where(record: dict, source: str, index: int) -> str:
+    """A record by where it was read (`Record.where`, as the load_* functions return), else "<source> record <n>"."""
+    return getattr(record, "where", None) or f"{source} record {index}"
+
+
+_MESSAGE_FIELDS = {"sft": ("messages", "prompt", "completion"), "preference": ("prompt", "chosen", "rejected"),
+                   "prompt": ("prompt",)}  # a prompt record's other fields are its own columns, not messages
+# A conversation that shows every marker a chat template writes: around each role's turn and the generation prompt.
+_PROBE = [{"role": "user", "content": "x"}, {"role": "assistant", "content": "x"}, {"role": "user", "content": "x"}]
+
+
+def _template_markers(tokenizer: Any) -> re.Pattern | None:
+    """The special tokens the chat template writes (<|im_start|>, <|eot_id|>, a BOS it adds, ...), as one pattern, or
+    None when it writes none. Special tokens the template never writes (<unk>, a code model's <filename>) may well be
+    quoted in plain text, so they are not looked for."""
+    special = {token.content for token in getattr(tokenizer, "added_tokens_decoder", {}).values() if token.special}
+    special.update(tokenizer.all_special_tokens)
+    try:  # with a system turn if the template takes one (some refuse it)
+        rendered = tokenizer.apply_chat_template([{"role": "system", "content": "x"}] + _PROBE, tokenize=False,
+                                                 add_generation_prompt=True)
+    except Exception:  # noqa: BLE001 (templates raise what they like, e.g. jinja's TemplateError)
+        rendered = tokenizer.apply_chat_template(_PROBE, tokenize=False, add_generation_prompt=True)
+    markers = sorted((token for token in special if token and token in rendered), key=len, reverse=True)
+    return re.compile("|".join(map(re.escape, markers))) if markers else None
+
+
+def check_chat_markup(records: list[dict], tokenizer: Any, source: str, kind: str) -> None:
+    """Refuse message text that holds a special token of the tokenizer's chat template ("<|im_start|>user\\n..."):
+    such text was formatted with a chat template already, and the stages apply it again. Plain `text` records (SFT
+    language modelling) are tokenised as they are, so they are not looked at."""
+    markers = _template_markers(tokenizer)
+    if markers is None:
+        return
+    fields = _MESSAGE_FIELDS[KINDS[kind]]
+    for index, record in enumerate(records, start=1):
+        for field in fields:  # a plain-text record has none of them
+            for message in record.get(field) or ():
+                found = markers.search(message["content"])
+                if found:
+                    raise field_error(_where(record, source, index), field, f"the {message['role']} message holds "
+                                      f"{found.group()!r}, a special token of the tokenizer's chat template, so it "
+                                      "looks formatted with a chat template already; the stages apply the chat "
+                                      "template themselves, so give plain text or a list of messages")
+
+
+def check_lengths(records: list[dict], tokenizer: Any, max_length: int | None, source: str, kind: str,
                   policy: str = "error") -> list[dict]:
-    """Check every record fits in max_length tokens once rendered with the chat template. Errors name a record by
-    where it was read (`Record.where`, as the load_* functions return), else as "<source> record <index>".
+    """Check every record fits in max_length tokens once rendered with the chat template, after check_chat_markup
+    (max_length None: only that). Errors name a record as check_chat_markup does.
 
     policy "error": raise on the first over-long record; "drop": return only the records that
     fit; "truncate": keep everything (the trainer truncates) but raise if a prompt alone
@@ -52,10 +99,13 @@ def check_lengths(records: list[dict], tokenizer: Any, max_length: int, source: 
         raise ValueError(f"kind must be one of {sorted(KINDS)}, got {kind!r}")
     if policy not in LENGTH_POLICIES:
         raise ValueError(f"policy must be one of {', '.join(LENGTH_POLICIES)}, got {policy!r}")
+    check_chat_markup(records, tokenizer, source, kind)
+    if max_length is None:
+        return list(records)
     kind = KINDS[kind]
     kept = []
     for index, record in enumerate(records, start=1):
-        where = getattr(record, "where", None) or f"{source} record {index}"
+        where = _where(record, source, index)
         prompt, sequences = _sequences(record, kind)
         if policy == "truncate":
             length = _token_count(tokenizer, prompt, add_generation_prompt=True) if prompt else 0

@@ -57,16 +57,16 @@ def main(argv: list[str] | None = None):
 
     train_pairs, eval_pairs = data.load_train(data_args, "preference"), data.load_eval(data_args, "preference")
     tokenizer, base_model, parent = start_tokenizer(model_args, PARENT_STAGES)
-    if training_args.max_length:
-        # TRL's RewardTrainer does not truncate: it leaves out pairs longer than max_length. Do that here, where it
-        # is counted and said (and an empty result is an error naming the file), rather than silently in the trainer.
-        policy = "drop" if data_args.length_policy == "truncate" else data_args.length_policy
-        kept = data.check_lengths(train_pairs, tokenizer, training_args.max_length, data_args.train_data, "preference", policy)
-        if len(kept) < len(train_pairs):
-            print(f"[rlhf] reward: {len(train_pairs) - len(kept)} of {len(train_pairs)} pairs in {data_args.train_data} "
-                  f"are longer than max_length {training_args.max_length} tokens and are left out (reward models "
-                  "are not trained on truncated responses)", flush=True)
-        train_pairs = kept
+    # TRL's RewardTrainer does not truncate: it leaves out pairs longer than max_length, evaluation pairs too (all of
+    # them, and evaluate() had no eval_loss). Do that here, where it is counted and said (and an empty result is an
+    # error naming the file), rather than silently in the trainer.
+    max_length = training_args.max_length
+    policy = "drop" if data_args.length_policy == "truncate" else data_args.length_policy
+    why = "reward models are not trained on truncated responses" if policy != data_args.length_policy else None
+    train_pairs = data.fit_records(train_pairs, tokenizer, max_length, data_args.train_data, "preference", policy,
+                                   STAGE, why)
+    eval_pairs = data.fit_records(eval_pairs, tokenizer, max_length, data_args.eval_data, "preference", policy,
+                                  STAGE, why)
     config, lock, finished, resume_from = open_trl_output(  # noqa: F841 (lock held until the process ends)
         STAGE, model_args, data_args, training_args, stage_args, parent)
     if finished:

@@ -58,8 +58,11 @@ def main(argv: list[str] | None = None):
                           "set assistant_only_loss: false (the loss is then on every token)")
     gold_prompts = load_gold_prompts(data_args)
     tokenizer, base_model, parent = start_tokenizer(model_args, PARENT_STAGES)
-    if training_args.max_length:
-        train_records = data.check_lengths(train_records, tokenizer, training_args.max_length, data_args.train_data, "sft", data_args.length_policy)
+    # Training and evaluation records alike: lengths by length_policy, and no text already in chat-template form
+    # (TRL would wrap it in the template again).
+    max_length, policy = training_args.max_length, data_args.length_policy
+    train_records = data.fit_records(train_records, tokenizer, max_length, data_args.train_data, "sft", policy, STAGE)
+    eval_records = data.fit_records(eval_records, tokenizer, max_length, data_args.eval_data, "sft", policy, STAGE)
     config, lock, finished, resume_from = open_trl_output(  # noqa: F841 (lock held until the process ends)
         STAGE, model_args, data_args, training_args, stage_args, parent)
     if finished:

@@ -2,13 +2,15 @@
 
 Every record comes back with where it was read (`Located`), so later checks name the same place:
 "data.jsonl line 4", "data.json record 2", "snap/data/train-00000-of-00001.parquet record 7",
-"org/name (test) record 9". A record that cannot be read at all (a line that is not JSON, not an object) comes back
-as a DataError in its place, so the caller decides whether it stops the run or is skipped (`on_bad_record`).
+"org/name (test) record 9". A record that cannot be read at all (a line that is not JSON, not an object, text with a
+lone surrogate) comes back as a DataError in its place, so the caller decides whether it stops the run or is skipped
+(`on_bad_record`). A path may start with "~" (the home folder).
 
     file         .jsonl / .json / .parquet, read here (line and column in errors)
     folder       `Dataset.save_to_disk` / `DatasetDict.save_to_disk` output (datasets.load_from_disk), else data
                  files found by datasets' own rules (`{split}.jsonl`, `data/{split}-00000-of-00001.parquet`, a
-                 README's `configs:`), as a hub snapshot lays them out
+                 README's `configs:`), as a hub snapshot lays them out; a split those rules make of several
+                 datasets (sft_train.jsonl + prefs_train.jsonl) is refused
     other        a hub dataset name: datasets.load_dataset(name, config, split=split)
 """
 
@@ -49,8 +51,10 @@ def read_records(source: str, split: str | None = None, config: str | None = Non
 
 
 def read_located(source: str, split: str | None = None, config: str | None = None) -> Located:
-    """(where, record) for every record; a record that is not a readable JSON object is a DataError in its place."""
+    """(where, record) for every record; a record that is not a readable JSON object, or holds a lone surrogate, is a
+    DataError in its place."""
     split = split or "train"
+    source = os.path.expanduser(source)  # "~/data/x.jsonl": a shell would expand it; a recipe's value is not
     if os.path.isdir(source):
         located = _read_folder(source, split, config)
     elif os.path.isfile(source):
@@ -61,9 +65,30 @@ def read_located(source: str, split: str | None = None, config: str | None = Non
         located = _read_hub(source, split, config)
     if not located:
         raise DataError(f"{source}: no records found")
-    return [(where, record if isinstance(record, (dict, DataError))
+    return [(where, _lone_surrogate(record, where) or record if isinstance(record, (dict, DataError))
              else DataError(f"{where}: expected a JSON object, got {type_name(record)}"))
             for where, record in located]
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")  # in a decoded string, only ever half of a pair: a lone surrogate
+
+
+def _lone_surrogate(value: Any, where: str, field: str = "") -> DataError | None:
+    """The error for the first string in a record that holds a lone UTF-16 surrogate (JSON's "\\ud83d" escape
+    without its pair, e.g. an emoji cut in two): it is not a character, and no tokenizer can encode it."""
+    if isinstance(value, str):
+        found = _SURROGATE.search(value)
+        return found and field_error(where, field, f"a lone UTF-16 surrogate U+{ord(found.group()):04X} at character "
+                                     f"{found.start() + 1} (half of a character such as an emoji, e.g. a JSON "
+                                     f"'\\u{ord(found.group()):04x}' escape without its pair), which no tokenizer can "
+                                     "encode; fix or remove that text")
+    if isinstance(value, dict):
+        items = ((key, f"{field}.{key}" if field else str(key)) for key in value)
+    elif isinstance(value, list):
+        items = ((index, f"{field}[{index}]") for index in range(len(value)))
+    else:
+        return None
+    return next((error for key, name in items if (error := _lone_surrogate(value[key], where, name))), None)
 
 
 _FILE_EXTENSION = re.compile(r"\.[A-Za-z]{2,8}$")
@@ -107,6 +132,7 @@ def _read_folder(folder: str, split: str, config: str | None) -> Located:
         raise DataError(f"{folder}: no {split!r} split (looked for {split}.jsonl/.json/.parquet or "
                         f"data/{split}-*.parquet; splits found: {found})")
     files = data_files[split]
+    _check_one_dataset(folder, split, files)
     if not all(os.path.splitext(path)[1].lower() in SUPPORTED_EXTENSIONS for path in files):
         return _from_dataset(datasets.load_dataset(folder, config, split=split), f"{folder} ({split})")
     # Read here rather than through datasets, so errors name the shard and its line.
@@ -114,6 +140,42 @@ def _read_folder(folder: str, split: str, config: str | None) -> Located:
     for path in files:
         located += _read_file(os.path.join(folder, os.path.relpath(path, os.path.abspath(folder))), split)
     return located
+
+
+# What shard names add to a dataset's name: "-00000-of-00002", "_3", "1", "-00000-of-00001-5b6c5a5f4d2e8a4b".
+_SHARD_SUFFIX = re.compile(r"[-_.]?\d+(?:-of-\d+)?(?:-[0-9a-f]{6,})?$")
+
+
+def _check_one_dataset(folder: str, split: str, files: list[str]) -> None:
+    """Refuse a split that datasets' rules made of several datasets: its patterns take every file whose name holds
+    the split as a word, so "train" gathers sft_train.jsonl, prefs_train.jsonl and prompts_train.jsonl alike. Shards
+    of one dataset (train-00000-of-00002, train-00001-of-00002; any files in a folder named after the split) are one,
+    and so is whatever a README's `configs:` lists, which someone chose."""
+    relative = sorted(os.path.relpath(path, os.path.abspath(folder)) for path in files)
+    datasets_named = {_dataset_of(path, split) for path in relative}
+    if len(datasets_named) < 2 or _declares_configs(folder):
+        return
+    listed = ", ".join(relative[:6]) + (", ..." if len(relative) > 6 else "")
+    raise DataError(f"{folder}: the {split!r} split matches {len(relative)} files of {len(datasets_named)} different "
+                    f"datasets ({listed}), which datasets' rules would read as one; name the file to read "
+                    f"(e.g. {os.path.join(folder, relative[0])})")
+
+
+def _dataset_of(path: str, split: str) -> str:
+    """The dataset a data file belongs to: a folder named after the split, else the file's name without extension
+    and shard numbering."""
+    parts = path.split(os.sep)
+    if split in parts[:-1]:
+        return os.sep.join(parts[: parts.index(split) + 1])
+    stem = os.path.splitext(path)[0]
+    return _SHARD_SUFFIX.sub("", stem) or stem
+
+
+def _declares_configs(folder: str) -> bool:
+    from huggingface_hub.repocard import metadata_load
+
+    readme = os.path.join(folder, "README.md")
+    return os.path.isfile(readme) and "configs" in (metadata_load(readme) or {})
 
 
 def _read_saved(folder: str, split: str) -> Located:

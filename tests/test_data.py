@@ -85,6 +85,13 @@ def test_sft_layouts():
         ({"messages": [system("a"), user("hi"), assistant("ok")], "system": "b"},
          r"field 'system': the conversation already starts with a system message"),
         ({"prompt": "hi", "completion": "ok", "system": 1}, r"field 'system': expected a string"),
+        # Tool calling: only role and content are kept, so calls and definitions would vanish without a word.
+        ({"messages": [user("weather?"), {**assistant(""), "tool_calls": [{"type": "function"}]}]},
+         r"^src line 1, field 'messages\[1\]\.tool_calls': tool calling is not supported"),
+        ({"messages": [user("weather?"), assistant("sunny")], "tools": [{"type": "function"}]},
+         r"^src line 1, field 'tools': tool calling is not supported"),
+        ({"messages": [user("w?"), assistant("x"), {"role": "tool", "content": "20C"}, assistant("20C")]},
+         r"field 'messages\[2\]\.role': tool calling is not supported"),
     ],
 )
 def test_sft_errors(record, pattern):
@@ -141,6 +148,29 @@ def test_preference_explicit_messages_and_repeated_prompt():
     assert normalise_preference_record(record, W) == {
         "prompt": [user("q")], "chosen": [assistant("good")], "rejected": [assistant("bad")],
     }
+
+
+def test_preference_system_joins_the_prompt():
+    record = {"system": "You are a pirate.", "prompt": "hi", "chosen": "arr", "rejected": "hello"}
+    assert normalise_preference_record(record, W)["prompt"] == [system("You are a pirate."), user("hi")]
+    record = {"system": "s", "chosen": [user("u"), assistant("x")], "rejected": [user("u"), assistant("y")]}
+    assert normalise_preference_record(record, W) == {
+        "prompt": [system("s"), user("u")], "chosen": [assistant("x")], "rejected": [assistant("y")]}
+    with pytest.raises(DataError, match=r"field 'system': the conversation already starts with a system message"):
+        normalise_preference_record({**record, "chosen": [system("t"), *record["chosen"]],
+                                     "rejected": [system("t"), *record["rejected"]]}, W)
+
+
+def test_preference_hh_rlhf_explicit_prompt_is_parsed():
+    record = {"prompt": "\n\nHuman: hi\n\nAssistant: yo\n\nHuman: more\n\nAssistant:", "chosen": " hello",
+              "rejected": " go away"}
+    expected = {"prompt": [user("hi"), assistant("yo"), user("more")], "chosen": [assistant("hello")],
+                "rejected": [assistant("go away")]}
+    assert normalise_preference_record(record, W) == expected
+    # Responses given as whole transcripts lose the prompt they repeat.
+    whole = {"prompt": record["prompt"], "chosen": record["prompt"] + " hello",
+             "rejected": record["prompt"] + " go away"}
+    assert normalise_preference_record(whole, W) == expected
 
 
 def test_preference_implicit_prompt():
@@ -228,13 +258,18 @@ def test_load_preferences_error_names_file_line_and_field(tmp_path):
 
 
 def test_prompt_layouts():
-    assert normalise_prompt_record({"prompt": "q", "item": "lamp", "n": 2, "tags": ["x"]}, W) == {
-        "prompt": [user("q")], "item": "lamp", "n": 2,
+    # Every other field is kept for reward functions, lists and objects included; `system` joins the prompt.
+    record = {"prompt": "q", "item": "lamp", "n": 2, "tags": ["x"], "meta": {"k": 1}, "system": "be brief"}
+    assert normalise_prompt_record(record, W) == {
+        "prompt": [system("be brief"), user("q")], "item": "lamp", "n": 2, "tags": ["x"], "meta": {"k": 1},
     }
-    assert normalise_prompt_record({"prompt": [user("q"), assistant("ref")]}, W) == {"prompt": [user("q")]}
     messages = [system("s"), user("q"), assistant("a"), user("q2"), assistant("a2")]
-    assert normalise_prompt_record({"messages": messages}, W) == {"prompt": messages[:-1]}
+    assert normalise_prompt_record({"messages": messages}, W) == {"prompt": messages[:-1]}  # the reference answer
     assert normalise_prompt_record({"messages": [user("q")]}, W) == {"prompt": [user("q")]}
+    # An HH-RLHF prompt is its turns; its closing empty "Assistant:" only says who speaks next.
+    assert normalise_prompt_record({"prompt": "\n\nHuman: hi\n\nAssistant: yo\n\nHuman: more\n\nAssistant:"},
+                                   W) == {"prompt": [user("hi"), assistant("yo"), user("more")]}
+    assert normalise_prompt_record({"prompt": [user("q"), assistant("")]}, W) == {"prompt": [user("q")]}
 
 
 @pytest.mark.parametrize(
@@ -246,6 +281,12 @@ def test_prompt_layouts():
         ({"prompt": "   "}, r"field 'prompt': prompt is empty"),
         ({"messages": [assistant("a")]}, r"field 'messages': prompt is empty"),
         ({"prompt": 5}, r"field 'prompt': expected a string or a list of messages, got int"),
+        # A prefill would have been cut off, changing what the policy is asked.
+        ({"prompt": [user("Write JSON"), assistant("{")]},
+         r"field 'prompt': ends with an assistant turn \(a prefill for the response to continue\), which the "
+         r"online stages do not support"),
+        ({"prompt": "q", "system": ["s"]}, r"field 'system': expected a string, got list"),
+        ({"prompt": "q", "tools": [{"type": "function"}]}, r"field 'tools': tool calling is not supported"),
     ],
 )
 def test_prompt_errors(record, pattern):
@@ -256,6 +297,28 @@ def test_prompt_errors(record, pattern):
 def test_load_prompts(tmp_path):
     path = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "q1", "item": "a"}, {"prompt": "q2", "item": "b"}])
     assert load_prompts(path) == [{"prompt": [user("q1")], "item": "a"}, {"prompt": [user("q2")], "item": "b"}]
+
+
+def test_prompt_columns_hold_one_kind_of_value_naming_both_lines(tmp_path):
+    path = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "2+2?", "answer": 4}, {"prompt": "3/2?", "answer": 1.5},
+                                              {"prompt": "x?"}, {"prompt": "name?", "answer": "Bob"}])
+    # Arrow would refuse the column only when the trainer builds its dataset, after the model has loaded.
+    with pytest.raises(DataError, match=rf"^{path} line 4, field 'answer': a string, but {path} line 1 has a "
+                                        r"number; a column must hold one kind of value in every record"):
+        load_prompts(path)
+    path = write_jsonl(tmp_path / "lists.jsonl", [{"prompt": "a", "tests": []}, {"prompt": "b", "tests": ["x"]},
+                                                  {"prompt": "c", "tests": [1]}])
+    with pytest.raises(DataError, match=rf"line 3, field 'tests': a list of numbers, but {path} line 2 has a list "
+                                        r"of strings"):
+        load_prompts(path)
+    path = write_jsonl(tmp_path / "mixed_list.jsonl", [{"prompt": "a", "tests": [1, "x"]}])
+    with pytest.raises(DataError, match=r"line 1, field 'tests': a list mixing numbers and strings"):
+        load_prompts(path)
+    # What does fit one column loads, and becomes one dataset column.
+    path = write_jsonl(tmp_path / "ok.jsonl", [{"prompt": "a", "n": 1, "tests": [], "meta": {"k": 1}, "flag": True},
+                                               {"prompt": "b", "n": 2.5, "tests": ["x"], "meta": {"j": "v"}}])
+    dataset = to_dataset(load_prompts(path))
+    assert dataset["n"] == [1.0, 2.5] and dataset["tests"] == [[], ["x"]] and dataset["flag"] == [True, None]
 
 
 def test_prompts_from_a_preference_file_drop_the_responses(tmp_path):
@@ -403,14 +466,13 @@ def test_margin_on_some_records_only_is_refused_naming_the_first_without(tmp_pat
         {"prompt": "q2", "chosen": "a", "rejected": "b"},
         {"prompt": "q3", "chosen": "a", "rejected": "b"},
     ])
-    pairs = load_preferences(path)
+    # Refused as the file loads, not once the model has (to_dataset builds the trainer's dataset).
     with pytest.raises(DataError, match=rf"^{path} line 2: no 'margin', but 1 of the 3 records have one"):
-        to_dataset(pairs)
-    with pytest.raises(DataError, match=r"^record 1: no 'margin'"):  # plain dicts: named by position
-        to_dataset([{"chosen": "a"}, {"chosen": "b", "margin": 0.5}])
+        load_preferences(path)
     # All or none: the margin column reaches TRL's collator as numbers.
-    assert to_dataset(pairs[1:]).column_names == ["prompt", "chosen", "rejected"]
-    assert to_dataset([{**pair, "margin": 2.0} for pair in pairs])["margin"] == [2.0, 2.0, 2.0]
+    path = write_jsonl(tmp_path / "all.jsonl", [{"prompt": f"q{i}", "chosen": "a", "rejected": "b", "margin": 2}
+                                                for i in range(3)])
+    assert to_dataset(load_preferences(path))["margin"] == [2.0, 2.0, 2.0]
 
 
 # --------------------------------------------------------------------------- lengths
@@ -511,3 +573,60 @@ def test_loaded_records_compare_as_dicts_and_leave_where_out_of_datasets(tmp_pat
     assert isinstance(record, Record) and record.where == f"{path} line 1"
     assert record == {"prompt": [user("q1")]}
     assert to_dataset([record]).column_names == ["prompt"]
+
+
+# --------------------------------------------------------------------------- text in chat-template form
+
+
+@pytest.fixture(scope="module")
+def chatml_tokenizer():
+    """The tiny model's tokenizer: its chat template writes <|im_start|> and <|im_end|> (special tokens)."""
+    from transformers import AutoTokenizer
+
+    from conftest import TINY_BASE
+
+    return AutoTokenizer.from_pretrained(TINY_BASE)
+
+
+TEMPLATED = "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+
+
+@pytest.mark.parametrize("policy", ["error", "drop", "truncate"])
+def test_text_already_in_chat_template_form_is_refused_under_every_policy(chatml_tokenizer, tmp_path, policy):
+    path = write_jsonl(tmp_path / "sft.jsonl", [{"prompt": "hi", "completion": "yo"},
+                                               {"prompt": TEMPLATED, "completion": "hello<|im_end|>"}])
+    records = load_sft(path)
+    for max_length in (None, 512):  # the check does not wait for a max_length
+        with pytest.raises(DataError, match=rf"^{path} line 2, field 'prompt': the user message holds "
+                                            r"'<\|im_start\|>', a special token of the tokenizer's chat template, so "
+                                            r"it looks formatted with a chat template already; the stages apply the "
+                                            r"chat template themselves, so give plain text or a list of messages"):
+            check_lengths(records, chatml_tokenizer, max_length, path, "sft", policy)
+
+
+def test_chat_template_text_is_looked_for_in_every_kind_of_record(chatml_tokenizer):
+    pair = normalise_preference_record({"prompt": "q", "chosen": "fine", "rejected": "bad<|im_end|>"}, W)
+    with pytest.raises(DataError, match=r"^p record 1, field 'rejected': the assistant message holds '<\|im_end\|>'"):
+        check_lengths([pair], chatml_tokenizer, None, "p", "preference")
+    conversation = normalise_sft_record({"messages": [system(TEMPLATED), user("q"), assistant("a")]}, W)
+    with pytest.raises(DataError, match=r"field 'messages': the system message holds '<\|im_start\|>'"):
+        check_lengths([conversation], chatml_tokenizer, None, "s", "sft")
+    prompt = normalise_prompt_record({"prompt": TEMPLATED}, W)
+    with pytest.raises(DataError, match=r"field 'prompt': the user message holds '<\|im_start\|>'"):
+        check_lengths([prompt], chatml_tokenizer, 64, "q", "prompt", "drop")
+    # Plain text is tokenised as it is (formatted on purpose); special tokens the template never writes may be quoted.
+    fine = [{"text": TEMPLATED + "hello<|im_end|>"}, {"messages": [user("what is <|endoftext|>?"), assistant("EOS")]}]
+    assert check_lengths(fine, chatml_tokenizer, None, "t", "sft") == fine
+    columns = [normalise_prompt_record({"prompt": "q", "completion": TEMPLATED}, W)]  # a column, not a message
+    assert check_lengths(columns, chatml_tokenizer, None, "q", "prompt") == columns
+
+
+def test_fit_records_says_what_the_policy_left_out(tokenizer, capsys):
+    from rlhf.data import fit_records
+
+    records = [preference(3, 2, 2), preference(3, 6, 2)]
+    assert fit_records(records, tokenizer, 10, "eval.jsonl", "preference", "drop", "dpo") == records[:1]
+    assert capsys.readouterr().out == ("[rlhf] dpo: 1 of 2 records in eval.jsonl are longer than max_length 10 tokens "
+                                       "and are left out (length_policy: drop)\n")
+    assert fit_records(None, tokenizer, 10, "eval.jsonl", "preference", "drop", "dpo") is None  # no eval_data
+    assert fit_records(records, tokenizer, None, "t.jsonl", "preference", "error", "dpo") == records  # no max_length

@@ -10,9 +10,11 @@ import sys
 
 import pytest
 
-from conftest import REPO, held_out_curve, kill_when
+from conftest import REPO, TINY_BASE, held_out_curve, kill_when
 from rlhf import grpo, rloo
 from rlhf.cli import main as cli
+from rlhf.config import ConfigError
+from rlhf.data import DataError
 from rlhf.manifest import read_jsonl_log
 from rlhf.checkpoints import COMPLETE_MARKER, complete_checkpoints
 
@@ -131,3 +133,45 @@ def test_killed_grpo_resumes_from_its_last_complete_checkpoint(sft_run, reward_r
     # metrics.jsonl was cut back to the checkpoint, so each training step is logged once, as in an unbroken run.
     logged_steps = [row["step"] for row in read_jsonl_log(output_dir / "metrics.jsonl") if "loss" in row]
     assert logged_steps == sorted(set(logged_steps)) and logged_steps[-1] == 12 and len(logged_steps) >= 3
+
+
+# One short GRPO step from the base model on the gold reward function: enough to see what reaches the trainer.
+QUICK = ["--model_name_or_path", TINY_BASE, "--train_data", "data/tiny/prompts_train.jsonl", "--max_train_samples", "8",
+         "--reward_funcs", GOLD_FUNCTION, "--num_generations", "4", "--per_device_train_batch_size", "4",
+         "--per_device_eval_batch_size", "4", "--max_completion_length", "8", "--max_steps", "1", "--report_to", "none",
+         "--bf16", "false", "--save_strategy", "no", "--logging_steps", "1", "--save_merged", "false",
+         "--activation_checkpointing", "false"]
+
+
+@pytest.mark.parametrize("stage", [grpo, rloo])
+def test_eval_data_is_scored_after_training(stage, tmp_path):
+    manifest = stage.main(QUICK + ["--eval_data", "data/tiny/prompts_test.jsonl", "--max_eval_samples", "2",
+                                   "--output_dir", str(tmp_path / "out")])
+    metrics = manifest.metrics
+    assert metrics["eval_records"] == 2 and metrics["steps"] == 1
+    assert 0 <= metrics["eval_reward"] <= 1 and "eval_rewards/gold_rewards/mean" in metrics, metrics
+
+
+def write_jsonl(path, records):
+    path.write_text("".join(json.dumps(record) + "\n" for record in records))
+    return str(path)
+
+
+def test_bad_eval_data_and_prompt_columns_stop_grpo_before_any_model_loads(tmp_path):
+    output = tmp_path / "out"
+    quick = QUICK + ["--output_dir", str(output)]
+    with pytest.raises(DataError, match=r"^/does/not/exist: file not found"):
+        grpo.main(quick + ["--eval_data", "/does/not/exist"])
+    with pytest.raises(ConfigError, match=r"grpo: eval_data is scored in groups of 4 completions per prompt .* "
+                                          r"\(6\) must be a multiple of 4"):
+        grpo.main(quick + ["--eval_data", "data/tiny/prompts_test.jsonl", "--per_device_eval_batch_size", "6"])
+    # Arrow refused such a column only once the trainer built its dataset, after the model had loaded.
+    mixed = write_jsonl(tmp_path / "mixed.jsonl", [{"prompt": "2+2?", "answer": 4},
+                                                   {"prompt": "Name?", "answer": "Bob"}])
+    with pytest.raises(DataError, match=rf"^{mixed} line 2, field 'answer': a string, but {mixed} line 1 has a number"):
+        grpo.main(quick + ["--train_data", mixed])
+    templated = write_jsonl(tmp_path / "templated.jsonl", [{"prompt": "<|im_start|>user\nhi<|im_end|>"}])
+    with pytest.raises(DataError, match=rf"^{templated} line 1, field 'prompt': the user message holds "
+                                        r"'<\|im_start\|>'"):
+        grpo.main(quick + ["--eval_data", templated])
+    assert not output.exists()

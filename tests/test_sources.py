@@ -135,14 +135,14 @@ def test_parquet(tmp_path):
 
     path = tmp_path / "p.parquet"
     table = pa.Table.from_pylist([
-        {"prompt": "hi", "chosen": "good", "rejected": "bad", "margin": 1},
-        {"prompt": "yo", "chosen": "fine", "rejected": "poor", "margin": None},
+        {"prompt": "hi", "chosen": "good", "rejected": "bad", "subset": "chat"},
+        {"prompt": "yo", "chosen": "fine", "rejected": "poor", "subset": None},
     ])
     pq.write_table(table, str(path))
-    assert read_records(str(path))[0] == {"prompt": "hi", "chosen": "good", "rejected": "bad", "margin": 1}
-    # The None that parquet fills in for an absent margin is treated as absent.
+    assert read_records(str(path))[0] == {"prompt": "hi", "chosen": "good", "rejected": "bad", "subset": "chat"}
+    # The None that parquet fills in for an absent field is treated as absent.
     assert load_preferences(str(path)) == [
-        {"prompt": [user("hi")], "chosen": [assistant("good")], "rejected": [assistant("bad")], "margin": 1.0},
+        {"prompt": [user("hi")], "chosen": [assistant("good")], "rejected": [assistant("bad")], "subset": "chat"},
         {"prompt": [user("yo")], "chosen": [assistant("fine")], "rejected": [assistant("poor")]},
     ]
 
@@ -262,3 +262,60 @@ def test_file_named_after_the_split_wins_over_names_that_contain_it(tmp_path):
     assert len(read_records(str(tmp_path), "sft_train")) == 1
     assert len(read_records(str(tmp_path), "prefs_train")) == 3
     assert [record["prompt"] for record in read_records(str(tmp_path), "train")] == ["q", "q"]
+
+
+def test_a_split_that_gathers_several_datasets_is_refused(tmp_path):
+    # What datasets' rules make of data/tiny: every file whose name holds "train", three datasets read as one.
+    for name in ("sft_train", "prefs_train", "prompts_train"):
+        write_jsonl(tmp_path / f"{name}.jsonl", [{"prompt": f"{name} q"}])
+    with pytest.raises(DataError, match=rf"^{tmp_path}: the 'train' split matches 3 files of 3 different datasets "
+                                        r"\(prefs_train\.jsonl, prompts_train\.jsonl, sft_train\.jsonl\), which "
+                                        rf"datasets' rules would read as one; name the file to read \(e\.g\. "
+                                        rf"{tmp_path}/prefs_train\.jsonl\)"):
+        load_prompts(str(tmp_path))
+    # Shards of one dataset, and any files in a folder named after the split, are one dataset.
+    shards = tmp_path / "shards"
+    write_jsonl(shards / "data" / "train-00000-of-00002-5b6c5a5f.jsonl", PAIRS[:2])
+    write_jsonl(shards / "data" / "train-00001-of-00002-0a9d3c1e.jsonl", PAIRS[2:3])
+    assert load_preferences(str(shards)) == [pair(0), pair(1), pair(2)]
+    parts = tmp_path / "parts"
+    write_jsonl(parts / "train" / "first.jsonl", PAIRS[:1])
+    write_jsonl(parts / "train" / "second.jsonl", PAIRS[1:2])
+    assert load_preferences(str(parts)) == [pair(0), pair(1)]
+    numbered = tmp_path / "numbered"
+    write_jsonl(numbered / "part1.jsonl", PAIRS[:1])
+    write_jsonl(numbered / "part2.jsonl", PAIRS[1:2])
+    assert load_preferences(str(numbered)) == [pair(0), pair(1)]
+
+
+def test_a_readme_that_lists_a_splits_files_is_followed(tmp_path):
+    pytest.importorskip("datasets")
+    write_jsonl(tmp_path / "helpful.jsonl", PAIRS[:2])
+    write_jsonl(tmp_path / "harmless.jsonl", PAIRS[2:3])
+    with pytest.raises(DataError, match=r"the 'train' split matches 2 files of 2 different datasets"):
+        load_preferences(str(tmp_path))  # every file of a folder without split names is "train"
+    (tmp_path / "README.md").write_text("---\nconfigs:\n- config_name: default\n  data_files:\n  - split: train\n"
+                                        "    path: [helpful.jsonl, harmless.jsonl]\n---\n")
+    assert len(load_preferences(str(tmp_path))) == 3
+
+
+def test_home_folder_in_a_path_is_expanded(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    write_jsonl(tmp_path / "data" / "p.jsonl", [{"prompt": "q"}])
+    (record,) = load_prompts("~/data/p.jsonl")
+    assert record == {"prompt": [user("q")]} and record.where == f"{tmp_path}/data/p.jsonl line 1"
+
+
+def test_a_lone_surrogate_is_named_by_record_and_field_as_the_file_loads(tmp_path):
+    path = tmp_path / "s.jsonl"
+    # "\ud83d\ude00" is one character (an emoji); "\ud83d" alone is half of one, which no tokenizer can encode.
+    path.write_text('{"prompt": "fine \\ud83d\\ude00", "completion": "ok"}\n'
+                    '{"messages": [{"role": "user", "content": "hi \\ud83d there"}]}\n')
+    located = read_located(str(path))
+    assert located[0][1] == {"prompt": "fine \U0001F600", "completion": "ok"}
+    assert str(located[1][1]) == (f"{path} line 2, field 'messages[0].content': a lone UTF-16 surrogate U+D83D at "
+                                  "character 4 (half of a character such as an emoji, e.g. a JSON '\\ud83d' escape "
+                                  "without its pair), which no tokenizer can encode; fix or remove that text")
+    with pytest.raises(DataError, match=r"line 2, field 'messages\[0\]\.content': a lone UTF-16 surrogate"):
+        load_prompts(str(path))
+    assert len(load_prompts(str(path), on_bad_record="skip")) == 1  # a bad record like any other
