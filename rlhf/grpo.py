@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from trl import GRPOConfig, RLOOConfig
 
@@ -96,6 +97,7 @@ def main(argv: list[str] | None = None, method: str = STAGE, description: str = 
     if training_args.reward_weights is not None and len(training_args.reward_weights) != n_rewards:
         raise ConfigError(f"{method}: reward_weights has {len(training_args.reward_weights)} weights for {n_rewards} "
                           "rewards (the reward model first, then each of reward_funcs)")
+    check_full_fine_tuning_reference(method, model_args, training_args.beta, parent)
     config, lock, finished, resume_from = open_trl_output(  # noqa: F841 (lock held until the process ends)
         method, model_args, data_args, training_args, stage_args, parent)
     if finished:
@@ -146,6 +148,17 @@ def main(argv: list[str] | None = None, method: str = STAGE, description: str = 
                "beta": training_args.beta},
         save_merged=stage_args.save_merged, gold_prompts=gold_prompts,
     )
+
+
+def check_full_fine_tuning_reference(method: str, model_args, beta: float, parent) -> None:
+    """Full fine-tuning with a KL term: TRL loads its reference from the policy's config._name_or_path, which is the
+    base model's folder when the parent stage is rebuilt as base + adapter (no merged/ saved), not the parent."""
+    if model_args.use_lora or not beta or parent is None:
+        return
+    if not (parent.merged_path and Path(parent.path(parent.merged_path)).is_dir()):
+        raise ConfigError(f"{method}: use_lora false with beta {beta:g} needs the parent stage's merged copy as the KL "
+                          f"reference, and {parent.output_dir} has no merged/ (it was saved with save_merged: "
+                          "false); rerun it with save_merged: true, or set use_lora: true or beta: 0")
 
 
 if __name__ == "__main__":

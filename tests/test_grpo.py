@@ -175,3 +175,24 @@ def test_bad_eval_data_and_prompt_columns_stop_grpo_before_any_model_loads(tmp_p
                                         r"'<\|im_start\|>'"):
         grpo.main(quick + ["--eval_data", templated])
     assert not output.exists()
+
+
+def test_full_fine_tuning_from_a_parent_without_its_merged_copy_is_refused(tmp_path):
+    """TRL would take the base model (config._name_or_path of a parent rebuilt as base + adapter) as the KL reference."""
+    from peft import get_peft_model
+
+    from rlhf.config import ModelArgs
+    from rlhf.manifest import Manifest, write_manifest
+    from rlhf.models import load_causal_lm, lora_config
+
+    parent = tmp_path / "sft"
+    model_args = ModelArgs()
+    get_peft_model(load_causal_lm(TINY_BASE, model_args), lora_config(model_args)).save_pretrained(parent / "adapter")
+    write_manifest(Manifest(stage="sft", output_dir=str(parent), base_model=TINY_BASE, adapter_path="adapter"))
+    shutil.copytree(TINY_BASE, parent / "adapter", dirs_exist_ok=True, ignore=shutil.ignore_patterns("*.safetensors",
+                                                                                                     "config.json"))
+    quick = [arg for arg in QUICK] + ["--init_from", str(parent), "--output_dir", str(tmp_path / "out")]
+    del quick[:2]  # the base comes from the parent
+    with pytest.raises(ConfigError, match=r"grpo: use_lora false with beta 0.1 needs the parent stage's merged copy"):
+        grpo.main(quick + ["--use_lora", "false", "--beta", "0.1"])
+    assert not (tmp_path / "out").exists()
