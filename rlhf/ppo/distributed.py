@@ -16,6 +16,7 @@ averaged, and the update equals one process holding the whole batch.
 
 from __future__ import annotations
 
+import math
 import warnings
 from contextlib import contextmanager
 
@@ -41,6 +42,18 @@ def transformer_blocks(models: nn.Module) -> list[nn.Module]:
     return [module for module in models.modules() if type(module).__name__ in names]
 
 
+def prompt_batches(n_prompts: int, per_process: int, world: int, rank: int, seed: int, step: int) -> list[int]:
+    """This process's share of the global batch for `step`, from a seeded permutation of the prompts (reshuffled
+    each pass). One process with per_process * world prompts sees exactly the same global batch."""
+    global_size = per_process * world
+    indices = []
+    for position in range(step * global_size + rank * per_process, step * global_size + (rank + 1) * per_process):
+        epoch, offset = divmod(position, n_prompts)
+        order = torch.randperm(n_prompts, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
+        indices.append(order[offset])
+    return indices
+
+
 class Distributed:
     """The collectives PPO needs; every method is a no-op (or a plain local call) in a single process."""
 
@@ -57,8 +70,16 @@ class Distributed:
             return tensor
         return self.accelerator.reduce(tensor.detach().clone(), reduction="sum")
 
-    def mean_of(self, value: float) -> float:
-        return (self.sum(torch.tensor(float(value), device=self.accelerator.device)) / self.world).item()
+    def means(self, metrics: dict[str, float]) -> dict[str, float]:
+        """Each metric's mean over the processes, in one all-reduce that every process makes whatever its values
+        (one that skipped it would pair the others' later collectives wrongly and hang the run). A metric that is
+        not finite on any process is NaN on every one, so all of them agree on it (and on stopping the run). Every
+        process passes the same keys in the same order."""
+        values = torch.tensor(list(metrics.values()), dtype=torch.float64, device=self.accelerator.device)
+        finite = values.isfinite()
+        totals = self.sum(torch.cat([torch.where(finite, values, 0.0), (~finite).double()])).tolist()
+        sums, non_finite = totals[:len(metrics)], totals[len(metrics):]
+        return {key: math.nan if bad else total / self.world for key, total, bad in zip(metrics, sums, non_finite)}
 
     def masked_stats(self, values: torch.Tensor, mask: torch.Tensor):
         """Global (mean, unbiased variance) of values over every process's real tokens. Summed in float64: with a

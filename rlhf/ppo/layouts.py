@@ -302,8 +302,9 @@ class SeparateModels(Roles):
         self.reward_model = reward_model.requires_grad_(False).eval() if reward_model is not None else None
         self.value_model = get_peft_model(value_body, lora_config(model_args))
         score = reward_model.score.weight.detach().clone() if value_init == "reward" else None
+        # The head reads the value body's hidden states: a reward model's copy may be wider than the policy.
         self.value_head = head_from_weights({"weight": score} if score is not None else None,
-                                            policy_base.config.hidden_size, torch.float32)
+                                            value_body.config.hidden_size, torch.float32)
 
     @property
     def reward_placement(self) -> str:
@@ -356,6 +357,19 @@ def check_value_init(value_init: str, critic: str, reward: Manifest | None) -> N
     if reward is None and value_init == "reward" and critic != "shared":
         raise ConfigError("value_init: reward initialises the value model from the reward model, but this run has "
                           "none (reward_funcs only); use value_init: policy")
+
+
+def check_value_tokenizer(layout: str, value_init: str, tokenizer, reward_tokenizer) -> None:
+    """layout: separate with value_init: reward makes the value model a copy of the reward model, and it reads the
+    policy's token ids: refused unless the reward model's tokenizer gives every token the policy's id. (In the shared
+    layout a reward adapter sits on the policy's own base.)"""
+    if layout != "separate" or value_init != "reward" or reward_tokenizer is None:
+        return
+    if tokenizer.get_vocab() != reward_tokenizer.get_vocab():
+        raise ConfigError(f"value_init: reward copies the reward model into the value model, which reads the policy's "
+                          f"token ids, but the reward model's tokenizer ({len(reward_tokenizer)} tokens) is not the "
+                          f"policy's ({len(tokenizer)} tokens), so an id may name another token in it. Use "
+                          "value_init: policy")
 
 
 def build_models(layout: str, policy_parent: Manifest, reward: Manifest | None, model_args: ModelArgs,

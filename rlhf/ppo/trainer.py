@@ -28,8 +28,8 @@ from tqdm.auto import tqdm
 from rlhf.config import ConfigError, DataArgs, ModelArgs, parse_args
 from rlhf.ppo import math as ppo_math
 from rlhf.ppo.config import PPOArgs
-from rlhf.ppo.distributed import Distributed
-from rlhf.processes import run_main
+from rlhf.ppo.distributed import Distributed, prompt_batches
+from rlhf.processes import StageError, run_main
 from rlhf.ppo.rollout import (Rollout, collect, finish_advantages, policy_logprobs, policy_logprobs_and_values,
                               value_predictions)
 
@@ -38,25 +38,14 @@ PARENT_STAGES = ("sft", "dpo", "ppo")
 ARG_TYPES = (ModelArgs, DataArgs, PPOArgs)
 
 
-def prompt_batches(n_prompts: int, per_process: int, world: int, rank: int, seed: int, step: int) -> list[int]:
-    """This process's share of the global batch for `step`, from a seeded permutation of the prompts (reshuffled
-    each pass). One process with per_process * world prompts sees exactly the same global batch."""
-    global_size = per_process * world
-    indices = []
-    for position in range(step * global_size + rank * per_process, step * global_size + (rank + 1) * per_process):
-        epoch, offset = divmod(position, n_prompts)
-        order = torch.randperm(n_prompts, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
-        indices.append(order[offset])
-    return indices
-
-
 def update(models, optimizer, rollout: Rollout, args: PPOArgs, distributed: Distributed, generator,
-           scaler=None) -> dict:
+           scaler=None, *, step: int) -> dict:
     """ppo_epochs passes of clipped policy + value updates over the rollout, in mini-batches of mini_batch_size rows
     per process. Each loss is the token-mean over the whole global mini-batch: a micro-batch's token sum is divided
     by the mini-batch's token count over every process, and the processes' gradients are summed. So the update is
     the same whether one process holds the batch whole or several hold parts of it, with or without accumulation.
-    scaler (fp16): a torch GradScaler; a step whose gradients overflow is skipped, and its norm is not logged."""
+    scaler (fp16): a torch GradScaler; a step whose gradients overflow is skipped, and its norm is not logged.
+    Without one, a non-finite gradient norm stops the run (StageError naming `step`) before the optimizer steps."""
     parameters = [p for group in optimizer.param_groups for p in group["params"]]
 
     def backward(loss):
@@ -106,6 +95,8 @@ def update(models, optimizer, rollout: Rollout, args: PPOArgs, distributed: Dist
             if scaler:  # every process holds the same summed gradients, so all skip an overflowing step alike
                 scaler.unscale_(optimizer)
             grad_norm = distributed.clip_gradients(parameters, args.max_grad_norm)
+            if not scaler:  # nothing else would skip a non-finite step, whose NaN weights would be checkpointed
+                stop_if_not_finite("gradient norm", {"grad_norm": grad_norm}, step, args)
             if math.isfinite(grad_norm):
                 stats.setdefault("grad_norm", []).append(grad_norm)
             if scaler:
@@ -131,8 +122,16 @@ def rollout_metrics(rollout: Rollout, gold_scores: list[float] | None, distribut
     }
     if gold_scores is not None:
         metrics["score/gold"] = sum(gold_scores) / len(gold_scores)
-    metrics = {key: distributed.mean_of(value) if not math.isnan(value) else value for key, value in metrics.items()}
-    return {**metrics, **function_means(rollout, distributed)}
+    return {**distributed.means(metrics), **function_means(rollout, distributed)}
+
+
+def stop_if_not_finite(what: str, values: dict[str, float], step: int, args: PPOArgs) -> None:
+    """Stop the run at a non-finite number, before it is stepped, logged or saved. The values are the same on every
+    process (reduced over them), so all processes stop together. An undefined explained variance is no failure."""
+    if not all(math.isfinite(value) for key, value in values.items() if key != "value/explained_variance"):
+        raise StageError(f"ppo: non-finite {what} at step {step} ({values}); last good checkpoint: "
+                         f"{latest_checkpoint(Path(args.output_dir) / 'checkpoints')}. Lower learning_rate or check "
+                         "the rewards.")
 
 
 def function_means(rollout: Rollout, distributed: Distributed) -> dict:
@@ -164,6 +163,8 @@ def fit_prompts(records: list[dict], tokenizer, max_prompt_length: int, data_arg
             say(f"[rlhf] ppo: {len(records) - len(kept)} of {len(records)} prompts in {source} are longer than "
                 f"max_prompt_length {max_prompt_length} tokens and are left out (length_policy: drop)")
         records = kept
+    else:  # truncate cuts the token ids below; text already in chat-template form is refused all the same
+        data.check_chat_markup(records, tokenizer, source, "prompt")
     prompt_ids = encode_prompts(tokenizer, [record["prompt"] for record in records])
     if policy == "truncate":
         cut = sum(len(ids) > max_prompt_length for ids in prompt_ids)
@@ -309,11 +310,10 @@ def main(argv: list[str] | None = None):
     from rlhf.checkpoints import check_checkpoint_config
     from rlhf.manifest import config_hash, resolve_parent, truncate_jsonl_log
     from rlhf.models import check_revision, stage_tokenizer
-    from rlhf.ppo.layouts import POLICY, build_models
+    from rlhf.ppo.layouts import POLICY, build_models, check_value_tokenizer
     from rlhf.processes import start_processes
     from rlhf.rewards import record_columns, reward_statistics
-    from rlhf.stage import (StageError, load_gold_prompts, logs_folder, open_output,
-                            point_trackers, stage_config, trackers, write_stage)
+    from rlhf.stage import load_gold_prompts, logs_folder, open_output, point_trackers, stage_config, trackers, write_stage
 
     report_to = trackers(args.report_to)
     start_processes(args.ddp_timeout)
@@ -336,6 +336,7 @@ def main(argv: list[str] | None = None):
     config = stage_config(model_args, data_args, requested, parent=policy_parent)
     tokenizer = stage_tokenizer(policy_parent, model_args)
     reward_tokenizer = stage_tokenizer(reward_manifest, model_args) if reward_manifest else None
+    check_value_tokenizer(args.layout, args.value_init, tokenizer, reward_tokenizer)
     records, prompt_ids = fit_prompts(prompt_records, tokenizer, args.max_prompt_length, data_args, accelerator.print)
     prompts, columns = [record["prompt"] for record in records], record_columns(records)
     gold_prompts = load_gold_prompts(data_args)
@@ -431,13 +432,13 @@ def main(argv: list[str] | None = None):
         finish_advantages(rollout, args, distributed.masked_stats)
         started = time.perf_counter()
         generator = torch.Generator().manual_seed(args.seed + step)
-        update_stats = update(models, optimizer, rollout, args, distributed, generator, scaler)
+        update_stats = update(models, optimizer, rollout, args, distributed, generator, scaler, step=step + 1)
         learning_rate = scheduler.get_last_lr()[0]  # the rate this step's updates used
         scheduler.step()
         gold_scores = ([gold(data.prompt_text(prompts[i]), text) for i, text in zip(rows, rollout.texts)]
                        if gold else None)
         metrics = {"step": step + 1, **rollout_metrics(rollout, gold_scores, distributed),
-                   **{key: distributed.mean_of(value) for key, value in update_stats.items()},
+                   **distributed.means(update_stats),
                    "kl_coef": kl_control.value, "lr": learning_rate,
                    **rollout.timings, "time/training": time.perf_counter() - started,
                    "time/step": time.perf_counter() - step_started, **distributed.memory_mib()}
@@ -447,9 +448,7 @@ def main(argv: list[str] | None = None):
             if curve:  # the evaluation is not training time on the gold curve either
                 curve.leave_out(metrics["time/eval"])
         kl_control.update(metrics["kl/sequence"], per_step)
-        if not all(math.isfinite(value) for key, value in metrics.items() if key != "value/explained_variance"):
-            raise StageError(f"ppo: non-finite metrics at step {step + 1} ({metrics}); last good checkpoint: "
-                              f"{latest_checkpoint(checkpoint_root)}. Lower learning_rate or check the rewards.")
+        stop_if_not_finite("metrics", metrics, step + 1, args)
         if accelerator.is_main_process:
             with open(log_path, "a") as log_file:
                 log_file.write(json.dumps(metrics) + "\n")

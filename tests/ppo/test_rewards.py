@@ -148,3 +148,30 @@ def test_function_values_reach_ppo_as_trl_passes_them_and_nones_are_left_out_of_
     distributed = Distributed(SimpleNamespace(num_processes=1, device="cpu"))
     # a: the mean of the two values it gave; never: judged nothing, so not logged (a NaN would stop the run)
     assert function_means(rollout, distributed) == {"score/a": 2.0}
+
+
+def test_value_model_copied_from_a_reward_model_of_another_tokenizer_is_refused(sft_run, reward_run, tmp_path,
+                                                                                 refuse_to_load_models):
+    """layout separate with value_init reward makes the value model a copy of the reward model, and it reads the
+    policy's token ids: a reward model whose tokenizer is not the policy's is refused before anything loads (before,
+    the value model read other tokens than the policy sampled, or failed on their ids). The policy's own tokenizer
+    passes the check and the run goes on to load the models."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    from rlhf.manifest import read_manifest
+
+    other = tmp_path / "reward_other_tokenizer"  # the reward stage with one token more in its tokenizer
+    shutil.copytree(REPO / reward_run.output_dir, other, ignore=shutil.ignore_patterns("*.safetensors"))
+    manifest = read_manifest(other)
+    folder = manifest.path(manifest.adapter_path or manifest.merged_path)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    tokenizer.add_tokens(["<reward-only>"])
+    tokenizer.save_pretrained(folder)
+    separate = ["--layout", "separate", "--value_init", "reward"]
+    with pytest.raises(ConfigError, match=rf"reward model's tokenizer \({len(tokenizer)} tokens\) is not the policy's "
+                                          r"\(\d+ tokens\).*Use value_init: policy"):
+        ppo(sft_run, tmp_path / "out", "--reward_model", str(other), *separate)
+    with pytest.raises(AssertionError, match="a model was loaded"):
+        ppo(sft_run, tmp_path / "same_tokenizer", "--reward_model", reward_run.output_dir, *separate)

@@ -232,6 +232,17 @@ def test_prompts_longer_than_max_prompt_length_follow_the_length_policy(sft_run,
     assert len(prompts) == len(ids) == 1 and "1 of 2 prompts" in messages[-1]
     prompts, ids = fit("truncate")
     assert len(ids) == 2 and len(ids[1]) == 64 and len(ids[0]) < 64 and "keeping their last 64" in messages[-1]
+    # Under every policy (truncate is the default), text already in chat-template form is refused.
+    records.append(load_prompts(str(write_prompt(tmp_path, "<|im_start|>user\nhi<|im_end|>")))[0])
+    for policy in ("error", "drop", "truncate"):
+        with pytest.raises(DataError, match=r"field 'prompt': the user message holds '<\|im_start\|>'"):
+            fit(policy)
+
+
+def write_prompt(tmp_path, prompt: str):
+    path = tmp_path / "templated.jsonl"
+    path.write_text(json.dumps({"prompt": prompt}) + "\n")
+    return path
 
 
 def saved_rollout(sft_run, reward_run, path, n_prompts=8):
@@ -481,7 +492,7 @@ def test_fp16_update_skips_a_step_whose_gradients_overflow(sft_run, reward_run, 
         start = [parameter.detach().clone() for parameter in trainable]
         scaler = torch.amp.GradScaler("cpu", init_scale=init_scale)
         stats = update(models, torch.optim.AdamW(trainable, lr=1e-3), rollout, args, Distributed(Accelerator()),
-                       torch.Generator().manual_seed(0), scaler)
+                       torch.Generator().manual_seed(0), scaler, step=1)
         moved = any(not torch.equal(before, parameter) for before, parameter in zip(start, trainable))
         assert moved == steps and ("grad_norm" in stats) == steps, init_scale
         assert scaler.get_scale() == (init_scale if steps else init_scale / 2)

@@ -41,7 +41,7 @@ def run(sft_dir: str, reward_dir: str, rollout_path: str, out_path: str, mini_ba
 
         assert all(is_sharded(parameter) for parameter in models.parameters())
     optimizer = torch.optim.AdamW(models.policy_parameters() + models.value_parameters(), lr=1e-3)
-    update(models, optimizer, rollout, args, distributed, torch.Generator().manual_seed(0))
+    update(models, optimizer, rollout, args, distributed, torch.Generator().manual_seed(0), step=1)
     state = distributed.full_state(models)
     if accelerator.is_main_process:
         torch.save(state, out_path)
