@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 
 from rlhf.config import ModelArgs
+from rlhf.data import BEST_OF_N
 from rlhf.evaluate.plots import CAPTIONS, pyplot, save, write_policy_plots
 from rlhf.evaluate.policy import MISSING, format_interval, policy_table
 from rlhf.manifest import atomic_write, is_complete, read_jsonl_log, read_manifest
@@ -92,11 +93,32 @@ def format_seconds(timing: dict) -> str:
     return f"{timing['seconds']:.0f}" if "seconds" in timing else MISSING
 
 
-def write_pipeline_report(args, out: Path, stages: list[str], timings: dict, gold_reward: str | None = None) -> Path:
+def reward_model_summary(rm_report: dict) -> str:
+    """The eval-rm report in a sentence: preference pairs get accuracy, margin and calibration; best-of-N records
+    (RewardBench 2) their best-of-N accuracy against chance and the gap, having no margin or calibration."""
+    if rm_report.get("layout") == BEST_OF_N:
+        return (f"Held-out best-of-N accuracy {format_interval(rm_report['accuracy'])} on {rm_report['n_records']} "
+                f"records (chance {rm_report['chance']:.3f}), mean gap (lowest chosen - highest rejected) "
+                f"{rm_report['gap']['mean']:.3f}.")
+    return (f"Held-out accuracy {format_interval(rm_report['accuracy'])} on {rm_report['n_pairs']} pairs, "
+            f"mean margin {rm_report['margin']['mean']:.3f}, ECE {rm_report['calibration']['ece']:.3f}.")
+
+
+def model_flags(model_args: ModelArgs | None) -> list[str]:
+    """--dtype and --trust_remote_code for the evaluation commands, as the stages loaded their models."""
+    if model_args is None:
+        return []
+    return ["--dtype", model_args.dtype, "--trust_remote_code", str(model_args.trust_remote_code).lower()]
+
+
+def write_pipeline_report(args, out: Path, stages: list[str], timings: dict, gold_reward: str | None = None,
+                          model_args: ModelArgs | None = None) -> Path:
     """The pipeline's report. `gold_reward` is the one the pipeline's own stage recipes name (never read from the
-    stage folders' manifests, which eval-policy does not trust)."""
+    stage folders' manifests, which eval-policy does not trust); `model_args` likewise the recipes' dtype and
+    trust_remote_code, which the evaluations load the models with (default: float32, no remote code)."""
     from rlhf.evaluate import policy as policy_eval
     from rlhf.evaluate import rm as rm_eval
+    from rlhf.evaluate.devices import pick_device
 
     lines = [f"# Pipeline report: {args.name}", "", "## Stages", "", "| stage | time (s) | summary |", "|---|---|---|"]
     manifests = {stage: read_manifest(out / stage) for stage in stages if is_complete(out / stage)}
@@ -107,12 +129,9 @@ def write_pipeline_report(args, out: Path, stages: list[str], timings: dict, gol
 
     if "reward" in manifests and args.eval_preferences:
         results = rm_eval.main(["--model", str(out / "reward"), "--data", args.eval_preferences,
-                                "--out", str(out / "eval_rm")])
-        rm_report = next(iter(results.values()))
-        lines += ["", "## Reward model", "",
-                  f"Held-out accuracy {format_interval(rm_report['accuracy'])} on {rm_report['n_pairs']} pairs, "
-                  f"mean margin {rm_report['margin']['mean']:.3f}, ECE {rm_report['calibration']['ece']:.3f}. "
-                  f"Full report: [eval_rm/report.md](eval_rm/report.md)."]
+                                "--out", str(out / "eval_rm"), *model_flags(model_args)])
+        lines += ["", "## Reward model", "", f"{reward_model_summary(next(iter(results.values())))} "
+                  "Full report: [eval_rm/report.md](eval_rm/report.md)."]
 
     policy_stages = [stage for stage in manifests if stage not in ("sft", "reward")]
     ppo_rows = read_jsonl_log(out / "ppo" / "metrics.jsonl") if "ppo" in manifests else []
@@ -124,7 +143,7 @@ def write_pipeline_report(args, out: Path, stages: list[str], timings: dict, gol
             argv += ["--reward_model", str(out / "reward")]
         if gold_reward:
             argv += ["--gold_reward", gold_reward]
-        policy_report = policy_eval.main(argv)
+        policy_report = policy_eval.main(argv + model_flags(model_args))
         training = {"ppo": ppo_rows} if ppo_rows else None
         plots = write_policy_plots(policy_report, out, "sft", training)
         peaks = {str(out / stage): manifests[stage].metrics.get("peak_memory_mib") for stage in policy_stages}
@@ -150,7 +169,8 @@ def write_pipeline_report(args, out: Path, stages: list[str], timings: dict, gol
     curves = {stage: read_curve(out / stage / CURVE_NAME) for stage in policy_stages}
     curves = {stage: rows for stage, rows in curves.items() if rows}
     if curves and "reward" in manifests:
-        curves = score_curves(curves, *rm_eval.load_reward_model(str(out / "reward"), ModelArgs()))
+        reward_model, reward_tokenizer = rm_eval.load_reward_model(str(out / "reward"), model_args or ModelArgs())
+        curves = score_curves(curves, reward_model.to(pick_device()), reward_tokenizer)
     # The samples stay in the stage folders; what was measured of them goes with the report.
     curves = {stage: [{key: value for key, value in row.items() if key != "samples"} for row in rows]
               for stage, rows in curves.items()}

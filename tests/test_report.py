@@ -14,6 +14,7 @@ from rlhf.config import parse_args
 from rlhf.evaluate import policy as policy_eval
 from rlhf.evaluate import rm as rm_eval
 from rlhf.evaluate.curve import CURVE_NAME
+from rlhf.evaluate.policy import format_interval
 from rlhf.manifest import Manifest, write_manifest
 from rlhf.pipeline import ARG_TYPES, run_stages
 from rlhf.report import write_pipeline_report
@@ -67,7 +68,7 @@ def write_stages(out, stages: list[str]) -> None:
 
 
 def run_report(tmp_path, monkeypatch, recipe: str, stages: list[str] | None = None, gold: str | None = None,
-               flags: tuple[str, ...] = (), curves: dict[str, list[dict]] | None = None):
+               flags: tuple[str, ...] = (), curves: dict[str, list[dict]] | None = None, model_args=None):
     """The pipeline's report of `recipe` (and flags) over hand-written stage folders (and held-out curves); returns
     (report text, eval-policy argv)."""
     (args,) = parse_args(ARG_TYPES, ["--config", recipe, "--output_dir", str(tmp_path), *flags])
@@ -83,7 +84,7 @@ def run_report(tmp_path, monkeypatch, recipe: str, stages: list[str] | None = No
 
     monkeypatch.setattr(policy_eval, "main", fake_eval_policy)
     timings = {stage: {"seconds": 10.0 * (index + 1), "skipped": False} for index, stage in enumerate(stages)}
-    path = write_pipeline_report(args, tmp_path, stages, timings, gold)
+    path = write_pipeline_report(args, tmp_path, stages, timings, gold, model_args)
     return path.read_text(), calls[0]
 
 
@@ -219,3 +220,41 @@ def test_with_a_gold_reward_the_curves_show_gold_and_reward_model_score_side_by_
     assert measures[0] == ["stage", "points", "training seconds", "held-out gold reward", "held-out reward-model score"]
     assert measures[1][:4] == ["dpo", "2", "4", "0.400 → 0.600"]
     assert "held-out gold reward and held-out reward-model score while each policy stage trained" in text
+
+
+def test_a_best_of_n_reward_model_evaluation_is_reported_as_best_of_n(tmp_path, monkeypatch):
+    from rlhf.config import ModelArgs
+    from rlhf.evaluate.rm_report import build_best_of_n_report
+
+    # RewardBench 2's layout: no pairs, margin or calibration, which the report read before (a KeyError after every
+    # stage had trained).
+    records = [{"prompt": [{"role": "user", "content": f"q{i}"}],
+                "chosen": [[{"role": "assistant", "content": "good"}]],
+                "rejected": [[{"role": "assistant", "content": f"bad {j}"}] for j in range(3)]} for i in range(4)]
+    rm_report = build_best_of_n_report(records, [[1.0], [1.0], [1.0], [0.0]], [[0.0, 0.5, -1.0]] * 4)
+    rm_calls = []
+    monkeypatch.setattr(rm_eval, "main", lambda argv: rm_calls.append(argv) or {argv[1]: rm_report})
+    text, argv = run_report(tmp_path, monkeypatch, "recipes/tiny/pipeline.yaml", ["sft", "reward", "dpo"],
+                            flags=("--eval_preferences", "rb2.jsonl"),
+                            model_args=ModelArgs(dtype="bfloat16", trust_remote_code=True))
+    section = text.split("## Reward model", 1)[1].split("##", 1)[0]
+    assert f"best-of-N accuracy {format_interval(rm_report['accuracy'])} on 4 records (chance 0.250)" in section
+    assert "mean gap (lowest chosen - highest rejected) 0.250" in section and "pairs" not in section
+    # The recipes' model settings reach both evaluations.
+    for command in (argv, rm_calls[0]):
+        assert command[command.index("--dtype") + 1] == "bfloat16"
+        assert command[command.index("--trust_remote_code") + 1] == "true"
+
+
+def test_a_pairs_reward_model_evaluation_keeps_margin_and_calibration(tmp_path, monkeypatch):
+    from rlhf.evaluate.rm_report import build_report
+
+    pairs = [{"prompt": [{"role": "user", "content": "q"}], "chosen": [{"role": "assistant", "content": "good"}],
+              "rejected": [{"role": "assistant", "content": "bad"}]}] * 2
+    rm_report = build_report(pairs, [1.0, 0.0], [0.0, 0.5])
+    monkeypatch.setattr(rm_eval, "main", lambda argv: {argv[1]: rm_report})
+    text, argv = run_report(tmp_path, monkeypatch, "recipes/tiny/pipeline.yaml", ["sft", "reward", "dpo"])
+    section = text.split("## Reward model", 1)[1].split("##", 1)[0]
+    assert (f"Held-out accuracy {format_interval(rm_report['accuracy'])} on 2 pairs, mean margin 0.250, ECE "
+            f"{rm_report['calibration']['ece']:.3f}.") in section
+    assert "--dtype" not in argv  # no recipe settings given: eval-policy's defaults

@@ -58,12 +58,14 @@ class GoldCurve:
     def record(self, model, tokenizer, step: int) -> dict:
         paused = time.perf_counter()
         from rlhf.data import prompt_text
+        from rlhf.evaluate.devices import devices_to_fork
         from rlhf.evaluate.policy import sample_responses, summarise
 
         was_training, padding_side = model.training, tokenizer.padding_side
         model.eval()
         python_state = random.getstate()  # sampling reseeds Python's generator too
-        with torch.random.fork_rng(devices=[]):
+        # Sampling seeds torch's generators (the GPU's too) and draws from the one where the model is: fork that one.
+        with torch.random.fork_rng(devices=devices_to_fork(next(model.parameters()).device)):
             samples = sample_responses(model, tokenizer, self.prompts, seed=self.seed,
                                        max_new_tokens=self.max_new_tokens)
         random.setstate(python_state)

@@ -26,7 +26,7 @@ def pyplot():
 
 def rows(report: dict, reference_name: str) -> list[tuple[str, dict, bool]]:
     """(name, summary, is_reference) for the reference, then every policy by its folder's name."""
-    from rlhf.evaluate.policy import display_names
+    from rlhf.evaluate.names import display_names
 
     names = display_names(list(report["policies"]))
     if reference_name in names.values():  # a category axis would draw both on one spot

@@ -6,12 +6,13 @@
         --prompts data/tiny/prompts_test.jsonl --out runs/tiny/eval_policy --gold_reward rlhf.tiny.task:gold_reward
 
 For each policy: mean reward-model score (with --reward_model) with a 95% CI, win-rate against the reference judged
-by the reward model, KL(policy || reference) on the policy's own samples, response length and EOS rate, a flag when the
-reward model's preference comes with a far drift in length or KL (possible reward hacking), plots (scores, reward vs
-KL, per-prompt score distributions) and samples side by side. Real data has no gold reward; a task that has one names
-it with --gold_reward, and the gold reward and win-rate by it join the table. Importing it runs its code, so the one a
-policy's manifest names is only reported, and run only with --trust_manifest_gold_reward true. The gold-reward check
-also runs at the end of every policy stage, so each manifest records how good its policy really is.
+by the reward model, KL(policy || reference) on the policy's own samples (both at the sampling temperature),
+response length and EOS rate, a flag when the reward model's preference comes with a far drift in length or KL
+(possible reward hacking), plots (scores, reward vs KL, per-prompt score distributions) and samples side by side.
+Real data has no gold reward; a task that has one names it with --gold_reward, and the gold reward and win-rate by
+it join the table. Importing it runs its code, so the one a policy's manifest names is only reported, and run only
+with --trust_manifest_gold_reward true. The gold-reward check also runs at the end of every policy stage, so each
+manifest records how good its policy really is.
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ import torch
 
 from rlhf.config import ConfigError, ModelArgs, parse_args
 from rlhf.data import prompt_text
+from rlhf.evaluate.names import display_names
+from rlhf.evaluate.rm_report import wilson_interval
 from rlhf.generation import encode_prompts, generate, response_logprobs
 
 
@@ -80,16 +83,21 @@ def mean_with_interval(values: list[float]) -> dict:
 
 
 def win_rate(scores: list[float], other_scores: list[float]) -> dict:
-    """How often a score beats its paired other score (a tie counts half), with a 95% CI."""
+    """How often a score beats its paired other score (a tie counts half), with a Wilson 95% CI: unlike the normal
+    approximation it stays inside [0, 1] and is not [1, 1] for 3 wins of 3, so a few prompts never make a policy
+    "clearly preferred" (the reward-hacking rule reads its lower bound)."""
     wins = [1.0 if a > b else 0.5 if a == b else 0.0 for a, b in zip(scores, other_scores)]
-    return mean_with_interval(wins)
+    return {"mean": sum(wins) / len(wins), "ci95": wilson_interval(sum(wins), len(wins)), "n": len(wins)}
 
 
 def sample_responses(model, tokenizer, prompts: list[list[dict]], batch_size: int = 32, max_new_tokens: int = 64,
                      temperature: float = 1.0, top_p: float = 1.0, do_sample: bool = True, seed: int = 0,
                      reference_model=None, engine: str = "dynamic", sampling_dtype: str | None = None) -> dict:
     """Responses (text), EOS flags and token lengths for each prompt, with a fixed sampling seed. With a reference
-    model, also the per-sequence KL estimate sum_t [log pi(y_t) - log pi_ref(y_t)] on these samples."""
+    model, also the per-sequence KL estimate sum_t [log pi(y_t) - log pi_ref(y_t)] on these samples, both models
+    scored at the sampling temperature: the KL between the distributions actually sampled, as PPO measures it (at
+    temperature 1 the policy's log-probs are not those of the distribution the samples came from, and the estimate
+    is biased, even negative)."""
     torch.manual_seed(seed)
     random.seed(seed)
     tokenizer.padding_side = "left"
@@ -105,8 +113,9 @@ def sample_responses(model, tokenizer, prompts: list[list[dict]], batch_size: in
         if reference_model is not None:
             with torch.no_grad():
                 sequence = (batch.prompt_ids, batch.prompt_mask, batch.response_ids, batch.response_mask)
-                policy_logprobs = response_logprobs(model, *sequence)
-                reference_logprobs = response_logprobs(reference_model, *sequence)
+                scoring_temperature = temperature if do_sample else 1.0  # greedy decoding ignores the temperature
+                policy_logprobs = response_logprobs(model, *sequence, temperature=scoring_temperature)
+                reference_logprobs = response_logprobs(reference_model, *sequence, temperature=scoring_temperature)
             kl += (policy_logprobs - reference_logprobs).sum(dim=1).tolist()
     return {"texts": texts, "ended": ended, "lengths": lengths, "kl": kl}
 
@@ -139,7 +148,8 @@ class EvalPolicyArgs:
     out: str | None = field(default=None, metadata={"help": "Report folder (default: <first policy>/eval_policy)."})
     max_samples: int = field(default=128, metadata={"help": "Prompts to sample."})
     max_new_tokens: int = field(default=64, metadata={"help": "Longest response sampled."})
-    temperature: float = field(default=1.0, metadata={"help": "Sampling temperature."})
+    temperature: float = field(default=1.0, metadata={"help": "Sampling temperature (the KL is measured at it "
+                                                       "too: between the distributions sampled from)."})
     top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling threshold."})
     batch_size: int = field(default=32, metadata={"help": "Prompts per generation batch."})
     generation_engine: str = field(default="dynamic", metadata={
@@ -157,6 +167,8 @@ class EvalPolicyArgs:
         "help": "...or while its mean response length is more than this factor longer or shorter than the reference's."})
     dtype: str = field(default="float32", metadata={"help": "float32, bfloat16 or float16."})
     trust_remote_code: bool = field(default=False, metadata={"help": "Run modelling code shipped with the model."})
+    device: str = field(default="auto", metadata={"help": "Where the models run: auto (the GPU when there is one, "
+                                                  "else the CPU), cpu, cuda or cuda:<index>."})
 
 
 ARG_TYPES = (EvalPolicyArgs,)
@@ -252,12 +264,6 @@ def reward_hacking(summary: dict, reference: dict, reference_name: str = "the re
     return f"win-rate {win_rate_rm['mean']:.2f} while {' and '.join(drifts)}" if drifts else None
 
 
-def display_names(paths: list[str]) -> dict[str, str]:
-    """Each policy by its folder's name (runs/tiny/dpo -> dpo), or its whole path where two names would clash."""
-    names = [Path(path).name for path in paths]
-    return {path: name if names.count(name) == 1 else path for path, name in zip(paths, names)}
-
-
 def policy_table(report: dict, reference_name: str = "reference",
                  extra: dict[str, dict[str, str]] | None = None) -> list[str]:
     """Markdown lines: the reference's row, then each policy's, and a line per reward-hacking flag. A value that cannot
@@ -326,10 +332,12 @@ def main(argv: list[str] | None = None) -> dict:
         raise ConfigError("eval-policy: --prompts is required (a prompt file, folder or dataset name)")
 
     from rlhf.data import load_prompts
+    from rlhf.evaluate.devices import pick_device
     from rlhf.evaluate.rm import load_reward_model
     from rlhf.manifest import atomic_write, read_manifest
     from rlhf.models import load_stage_output, stage_tokenizer
 
+    device = pick_device(args.device)  # a device this machine lacks fails before anything loads
     prompts = [record["prompt"] for record in load_prompts(args.prompts, args.split)][: args.max_samples]
     model_args = ModelArgs(dtype=args.dtype, trust_remote_code=args.trust_remote_code)
     manifests = {path: read_manifest(path) for path in args.policy}
@@ -340,10 +348,12 @@ def main(argv: list[str] | None = None) -> dict:
                                               str(Path(args.policy[0]) / "manifest.json"))
     gold = load_gold_reward(gold_spec) if gold_spec else None  # fail on a bad spec before loading any model
 
-    policies = {path: load_stage_output(manifest, model_args).eval() for path, manifest in manifests.items()}
+    policies = {path: load_stage_output(manifest, model_args).to(device).eval() for path, manifest in manifests.items()}
     tokenizer = stage_tokenizer(first, model_args)
-    reference = load_stage_output(read_manifest(reference_path), model_args).eval() if reference_path else None
+    reference = (load_stage_output(read_manifest(reference_path), model_args).to(device).eval() if reference_path
+                 else None)
     reward_model, reward_tokenizer = load_reward_model(args.reward_model, model_args) if args.reward_model else (None, None)
+    reward_model = reward_model.to(device) if reward_model is not None else None
     report = compare_policies(
         policies, tokenizer, prompts, reference=reference, reward_model=reward_model, reward_tokenizer=reward_tokenizer,
         gold=gold, n_examples=args.n_examples,
@@ -351,6 +361,7 @@ def main(argv: list[str] | None = None) -> dict:
         top_p=args.top_p, seed=args.seed, engine=args.generation_engine, sampling_dtype=args.sampling_dtype,
     )
     report["reference_path"] = reference_path
+    report["device"] = str(device)
     report["reward_model_path"] = args.reward_model
     report["gold_reward_spec"] = gold_spec
     if gold_notice:

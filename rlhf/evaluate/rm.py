@@ -119,6 +119,7 @@ def main(argv: list[str] | None = None) -> dict | None:
     from accelerate import Accelerator
 
     from rlhf.data import load_rm_eval
+    from rlhf.evaluate.names import display_names
     from rlhf.evaluate.rm_report import write_comparison, write_report
 
     layout, pairs = load_rm_eval(args.data, args.split, config=args.dataset_config, on_bad_record=args.on_bad_record)
@@ -127,9 +128,11 @@ def main(argv: list[str] | None = None) -> dict | None:
     accelerator = Accelerator()
     out_dir = Path(args.out or Path(args.model[0]) / "eval_rm")
     results = {}
+    # With several models, each gets a sub-folder and a comparison column named after its folder, with as many parent
+    # folders as tell two of the same name apart (runs/a/reward and runs/b/reward -> a/reward and b/reward).
+    names = display_names(args.model)
     for path in args.model:
-        # With several models, each gets a sub-folder named after its folder.
-        model_out = out_dir if len(args.model) == 1 else out_dir / Path(path).resolve().name
+        model_out = out_dir if len(args.model) == 1 else out_dir / names[path]
         result = evaluate_reward_model(path, pairs, args, accelerator, layout)
         if result is None:
             continue
@@ -140,7 +143,6 @@ def main(argv: list[str] | None = None) -> dict | None:
         print(f"[rlhf] {path}: accuracy {accuracy['mean']:.3f} (95% CI {accuracy['ci95'][0]:.3f}-"
               f"{accuracy['ci95'][1]:.3f}) on {len(pairs)} {unit} -> {files['markdown']}")
     if accelerator.is_main_process and len(args.model) > 1:
-        names = {path: Path(path).resolve().name for path in args.model}
         comparison = write_comparison({names[path]: report for path, report in results.items()}, out_dir)
         print(f"[rlhf] comparison -> {comparison}")
     accelerator.wait_for_everyone()

@@ -107,6 +107,8 @@ def _calibration(margins: list[float], n_bins: int) -> dict:
 def _length_bias(chosen_scores, rejected_scores, chosen_lengths, rejected_lengths) -> dict:
     unequal = [i for i in range(len(chosen_lengths)) if chosen_lengths[i] != rejected_lengths[i]]
     longer_chosen = model_longer = None
+    # Picking the longer response, over every pair as the model's accuracy is: equal lengths are a coin flip (0.5).
+    longer_wins = _mean([_win(chosen, rejected) for chosen, rejected in zip(chosen_lengths, rejected_lengths)])
     if unequal:
         longer_chosen = _mean([1.0 if chosen_lengths[i] > rejected_lengths[i] else 0.0 for i in unequal])
         # Score of the longer response against the shorter one; a score tie counts half, as in accuracy.
@@ -115,7 +117,7 @@ def _length_bias(chosen_scores, rejected_scores, chosen_lengths, rejected_length
     correlation = _pearson(list(chosen_scores) + list(rejected_scores),
                            [float(n) for n in list(chosen_lengths) + list(rejected_lengths)])
     return {"data_longer_chosen_rate": longer_chosen, "model_prefers_longer_rate": model_longer,
-            "longer_wins_baseline_accuracy": longer_chosen, "reward_length_correlation": correlation}
+            "longer_wins_baseline_accuracy": longer_wins, "reward_length_correlation": correlation}
 
 
 def _summary(scores: list[float]) -> dict:

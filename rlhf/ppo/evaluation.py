@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
+from rlhf.evaluate.devices import devices_to_fork
 from rlhf.ppo.config import PPOArgs
 from rlhf.ppo.distributed import Distributed
 from rlhf.ppo.rollout import collect
@@ -55,14 +56,11 @@ class HeldOutPrompts:
         accelerator = distributed.accelerator
         rows, weights = self.share(accelerator.process_index, distributed.world)
         device = accelerator.device
-        # Fork the GPU's generator too (the one sampling draws from there), not only the CPU's.
-        devices = []
-        if device.type == "cuda":
-            devices = [torch.cuda.current_device() if device.index is None else device.index]
         names = ["eval/score"] + (["eval/score_raw"] if models.has_reward_model else []) + [
             "eval/kl", "eval/length", "eval/eos_rate"]
         totals = torch.zeros(len(names) + 1, dtype=torch.float64)
-        with torch.random.fork_rng(devices=devices):
+        # Fork the GPU's generator too (the one sampling draws from there), not only the CPU's.
+        with torch.random.fork_rng(devices=devices_to_fork(device)):
             torch.manual_seed(args.seed * 100_003 + EVAL_SEED_OFFSET + accelerator.process_index)
             for start in range(0, len(rows), args.rollout_batch_size):
                 end = start + args.rollout_batch_size

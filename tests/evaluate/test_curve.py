@@ -102,3 +102,13 @@ def test_a_resumed_run_without_its_curve_file_does_not_pass_its_policy_off_as_th
     curve = make_curve(tmp_path)
     curve.start(None, None, resumed_step=8)  # None: sampling anything here would fail
     assert read_curve(tmp_path / "gold_curve.jsonl") == [] and curve.offset == 0.0
+
+
+def test_sampling_on_a_gpu_forks_that_gpus_generator_too(monkeypatch):
+    from rlhf.evaluate.devices import devices_to_fork
+
+    # torch.manual_seed reseeds the GPU's generator as well: a point must save and restore the one in use.
+    assert devices_to_fork(torch.device("cpu")) == [] and devices_to_fork("cpu") == []
+    assert devices_to_fork(torch.device("cuda", 1)) == [1] and devices_to_fork("cuda:0") == [0]
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)  # "cuda" without an index: the current device
+    assert devices_to_fork(torch.device("cuda")) == [3]

@@ -12,7 +12,8 @@ from conftest import TINY_BASE, TINY_DATA
 from rlhf.config import ConfigError, ModelArgs
 from rlhf.data import load_prompts
 from rlhf.evaluate.policy import (compare_policies, load_gold_reward, mean_with_interval, pick_gold_reward, policy_table,
-                                  reward_hacking, win_rate)
+                                  reward_hacking, sample_responses, win_rate)
+from rlhf.evaluate.rm_report import wilson_interval
 from rlhf.evaluate.policy import main as eval_policy_main
 from rlhf.manifest import Manifest, write_manifest
 from rlhf.models import load_causal_lm, load_tokenizer
@@ -31,6 +32,39 @@ def test_mean_with_interval_by_hand():
 def test_win_rate_counts_ties_as_half():
     result = win_rate([1.0, 2.0, 3.0, 5.0], [0.0, 2.0, 4.0, 1.0])
     assert result["mean"] == pytest.approx((1 + 0.5 + 0 + 1) / 4)
+    assert result["ci95"] == pytest.approx(wilson_interval(2.5, 4)) and result["n"] == 4
+
+
+def test_win_rate_interval_stays_inside_0_1_and_is_wide_on_few_prompts():
+    # 3 wins of 3: the normal approximation gave [1, 1]; Wilson's lower bound is 3 / (3 + 1.96^2).
+    sweep = win_rate([1.0] * 3, [0.0] * 3)
+    assert sweep["mean"] == 1.0 and sweep["ci95"] == pytest.approx([3 / (3 + 1.96 ** 2), 1.0])
+    # 127 of 128: the normal approximation's upper bound was 1.0075.
+    nearly = win_rate([1.0] * 127 + [0.0], [0.0] * 128)
+    assert 0.95 < nearly["ci95"][0] < nearly["mean"] < nearly["ci95"][1] <= 1.0
+    assert win_rate([0.0] * 3, [1.0] * 3)["ci95"][0] == 0.0
+    ties = win_rate([1.0] * 4, [1.0] * 4)["ci95"]
+    assert ties[0] == pytest.approx(1 - ties[1]) and ties[0] < 0.5 < ties[1]  # all ties: centred on an even split
+    # So 3 prompts never make a drifted policy "clearly preferred" by the reward model.
+    drifted = {**TINY_PPO, "response_length": 3 * 21.8, "win_rate_vs_reference_rm": sweep}
+    assert reward_hacking(drifted, SFT) is None
+
+
+def test_kl_to_reference_is_scored_at_the_sampling_temperature():
+    tokenizer = load_tokenizer(TINY_BASE)
+    policy = load_causal_lm(TINY_BASE, ModelArgs()).eval()
+    prompts = [record["prompt"] for record in load_prompts(str(TINY_DATA / "prompts_test.jsonl"))][:16]
+    sampling = dict(temperature=1.5, max_new_tokens=8, batch_size=16)
+    same = sample_responses(policy, tokenizer, prompts, reference_model=load_causal_lm(TINY_BASE, ModelArgs()).eval(),
+                            **sampling)
+    assert same["kl"] == [0.0] * 16
+    # A reference with flatter logits (divided by 1.5). Scored at temperature 1, as before, the policy's samples at
+    # temperature 1.5 are the reference's own distribution, and the estimate is -KL(reference || policy) < 0 on
+    # average (about -1.6 nats here); at the sampling temperature it is a true KL, positive on average.
+    flatter = load_causal_lm(TINY_BASE, ModelArgs()).eval()
+    flatter.get_output_embeddings().register_forward_hook(lambda module, inputs, logits: logits / 1.5)
+    kl = sample_responses(policy, tokenizer, prompts, reference_model=flatter, **sampling)["kl"]
+    assert sum(kl) / len(kl) > 1.0
 
 
 @pytest.mark.parametrize("engine, sampling_dtype", [("dynamic", None), ("static", "bfloat16"), ("paged", None)])
@@ -187,9 +221,9 @@ def test_policy_table_drops_columns_no_row_has_and_dashes_what_a_row_cannot_have
         "| sft | 0.100 [0.000, 0.200] | – | 0 | 21.8 | 0.95 | – |",
         "| ppo | 1.200 [1.000, 1.400] | 0.832 [0.767, 0.897] | 4.996 [4.439, 5.553] | 17.1 | 1.00 | 51 |"]
     assert lines[4:] == ["", "possible reward hacking: ppo — win-rate 0.83 while length 2.1x sft"]
-    # Two policies of the same folder name are told apart by their paths.
+    # Two policies of the same folder name are told apart by their parent folders.
     report["policies"]["runs/y/ppo"] = report["policies"]["runs/x/ppo"]
-    assert [line.split(" | ")[0] for line in policy_table(report, "sft")[3:5]] == ["| runs/x/ppo", "| runs/y/ppo"]
+    assert [line.split(" | ")[0] for line in policy_table(report, "sft")[3:5]] == ["| x/ppo", "| y/ppo"]
 
 
 def fake_stage(folder, stage: str):
@@ -198,6 +232,26 @@ def fake_stage(folder, stage: str):
 
     return write_manifest(Manifest(stage=stage, output_dir=str(folder), base_model=TINY_BASE, merged_path=TINY_BASE,
                                    extra={"head": REWARD} if stage == "reward" else {}))
+
+
+def test_eval_policy_runs_the_models_on_the_gpu_when_there_is_one(tmp_path):
+    import torch
+
+    from rlhf.evaluate.devices import pick_device
+
+    assert pick_device("auto") == torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    assert pick_device("cpu") == torch.device("cpu")
+    with pytest.raises(ConfigError, match="expected auto, cpu, cuda"):
+        pick_device("gpu")
+    if not torch.cuda.is_available():  # a GPU asked for on a machine without one is refused before any model loads
+        with pytest.raises(ConfigError, match="no CUDA GPU"):
+            eval_policy_main(["--policy", "unused", "--prompts", str(TINY_DATA / "prompts_test.jsonl"),
+                              "--device", "cuda:0"])
+    fake_stage(tmp_path / "dpo", "dpo")
+    argv = ["--policy", str(tmp_path / "dpo"), "--prompts", str(TINY_DATA / "prompts_test.jsonl"), "--max_samples", "2",
+            "--max_new_tokens", "3", "--out", str(tmp_path / "eval")]
+    assert eval_policy_main(argv)["device"] == str(pick_device("auto"))
+    assert eval_policy_main(argv + ["--device", "cpu"])["device"] == "cpu"
 
 
 def test_eval_policy_without_gold_reward_leads_with_the_reward_model(tmp_path, capsys):

@@ -104,7 +104,8 @@ def test_length_bias_with_given_lengths():
                         rejected_lengths=rejected_lengths)["length_bias"]
     # Pair 1 has equal lengths and is left out; of pairs 0, 2, 3 the chosen is longer in 0 and 3.
     assert bias["data_longer_chosen_rate"] == pytest.approx(2 / 3)
-    assert bias["longer_wins_baseline_accuracy"] == pytest.approx(2 / 3)
+    # The baseline is scored on every pair, as the model's accuracy is: the equal-length pair is a coin flip.
+    assert bias["longer_wins_baseline_accuracy"] == pytest.approx((1 + 0.5 + 0 + 1) / 4)
     # Longer scored higher: pair 0 yes (3 > 1), pair 2 tie (1 = 1) counts half, pair 3 no (0 < 1).
     assert bias["model_prefers_longer_rate"] == pytest.approx(1.5 / 3)
     rewards = [3, 2, 1, 0, 1, 1, 1, 1]
@@ -123,6 +124,7 @@ def test_length_bias_defaults_to_character_lengths_and_handles_all_equal():
     assert bias["model_prefers_longer_rate"] == pytest.approx(1.0)
     equal = build_report(PAIRS[2:], [1.0, 0.0], [1.0, 1.0])["length_bias"]
     assert equal["data_longer_chosen_rate"] is None and equal["model_prefers_longer_rate"] is None
+    assert equal["longer_wins_baseline_accuracy"] == 0.5  # length tells nothing: chance
     # Rewards vary but lengths are all the same: the correlation is undefined.
     constant = build_report(PAIRS[2:], [1.0, 0.0], [1.0, 1.0], chosen_lengths=[4, 4], rejected_lengths=[4, 4])
     assert constant["length_bias"]["reward_length_correlation"] is None
@@ -324,3 +326,28 @@ def test_eval_rm_scores_pairs_with_an_empty_response_and_skips_bad_ones(tmp_path
     scores = [json.loads(line) for line in (tmp_path / "out" / "scores.jsonl").read_text().splitlines()]
     assert all(math.isfinite(row["chosen_score"]) and math.isfinite(row["rejected_score"]) for row in scores)
     assert scores[0]["chosen"] == "" and scores[1]["rejected"] == ""
+
+
+def test_eval_rm_tells_apart_two_models_of_the_same_folder_name(tmp_path, reward_model_dir):
+    import shutil
+
+    from rlhf.evaluate import rm
+    from rlhf.evaluate.names import display_names
+
+    for parent in ("a", "b"):
+        shutil.copytree(reward_model_dir, tmp_path / parent / "reward")
+    models = [str(tmp_path / "a" / "reward"), str(tmp_path / "b" / "reward")]
+    data = tmp_path / "pairs.jsonl"
+    data.write_text(json.dumps({"prompt": "q", "chosen": "good", "rejected": "bad"}) + "\n")
+    results = rm.main(["--model", *models, "--data", str(data), "--out", str(tmp_path / "cmp"), "--plots", "false"])
+    assert list(results) == models
+    # Each its own sub-folder and comparison column, named by as many parent folders as tell them apart.
+    for name in ("a/reward", "b/reward"):
+        assert json.loads((tmp_path / "cmp" / name / "report.json").read_text())["n_pairs"] == 1
+    assert list(json.loads((tmp_path / "cmp" / "comparison.json").read_text())) == ["a/reward", "b/reward"]
+    assert display_names(["runs/a/reward", "runs/b/reward", "runs/b/dpo"]) == {
+        "runs/a/reward": "a/reward", "runs/b/reward": "b/reward", "runs/b/dpo": "dpo"}
+    # A folder that ends another's path, "." and one folder given twice: still relative, distinct names (or the same
+    # name for the same folder).
+    names = display_names(["/x/reward", "/y/x/reward", ".", "./"])
+    assert names == {"/x/reward": "x/reward", "/y/x/reward": "y/x/reward", ".": Path.cwd().name, "./": Path.cwd().name}
