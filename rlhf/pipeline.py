@@ -282,7 +282,9 @@ def main(argv: list[str] | None = None) -> Path:
     from rlhf.report import write_pipeline_report
 
     gold_reward = recipe_gold_reward(args, out, [stage for stage in POLICY_STAGES if stage in stages])
-    report = write_pipeline_report(args, out, stages, timings, gold_reward)
+    # The evaluations load the models as the first stage's recipe did (dtype, trust_remote_code).
+    model_args = parsed_stage_args(stages[0], stage_argv(stages[0], args, out))[1][0]
+    report = write_pipeline_report(args, out, stages, timings, gold_reward, model_args)
     print(f"[rlhf] pipeline done. Report: {report}")
     return report
 

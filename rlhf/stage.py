@@ -437,9 +437,10 @@ def write_stage(
     if adapter_path and save_merged:
         manifest.merged_path = save_merged_copy(manifest, model_args)
     if gold_prompts and data_args.gold_reward:
+        from rlhf.evaluate.devices import pick_device
         from rlhf.evaluate.policy import gold_report, load_gold_reward
 
-        policy = load_stage_output(manifest, model_args)
+        policy = load_stage_output(manifest, model_args).to(pick_device())
         seed = config["training"].get("seed", 0)
         report = gold_report(policy, tokenizer, gold_prompts, load_gold_reward(data_args.gold_reward), seed=seed,
                              max_new_tokens=data_args.gold_eval_max_new_tokens)
