@@ -431,7 +431,8 @@ def fit_records(records: list[Record] | None, tokenizer: Any, max_length: int | 
         return None
     kept = check_lengths(records, tokenizer, max_length, source, kind, policy)
     if len(kept) < len(records):
-        print(f"[rlhf] {stage}: {len(records) - len(kept)} of {len(records)} records in {source} are longer than "
+        noun = {"preference": "pairs", "prompt": "prompts"}.get(KINDS[kind], "records")
+        print(f"[rlhf] {stage}: {len(records) - len(kept)} of {len(records)} {noun} in {source} are longer than "
               f"max_length {max_length} tokens and are left out ({why or f'length_policy: {policy}'})", flush=True)
     return kept
 

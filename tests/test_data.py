@@ -626,7 +626,7 @@ def test_fit_records_says_what_the_policy_left_out(tokenizer, capsys):
 
     records = [preference(3, 2, 2), preference(3, 6, 2)]
     assert fit_records(records, tokenizer, 10, "eval.jsonl", "preference", "drop", "dpo") == records[:1]
-    assert capsys.readouterr().out == ("[rlhf] dpo: 1 of 2 records in eval.jsonl are longer than max_length 10 tokens "
+    assert capsys.readouterr().out == ("[rlhf] dpo: 1 of 2 pairs in eval.jsonl are longer than max_length 10 tokens "
                                        "and are left out (length_policy: drop)\n")
     assert fit_records(None, tokenizer, 10, "eval.jsonl", "preference", "drop", "dpo") is None  # no eval_data
     assert fit_records(records, tokenizer, None, "t.jsonl", "preference", "error", "dpo") == records  # no max_length
