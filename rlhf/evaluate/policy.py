@@ -331,14 +331,15 @@ def main(argv: list[str] | None = None) -> dict:
     if not args.prompts:
         raise ConfigError("eval-policy: --prompts is required (a prompt file, folder or dataset name)")
 
-    from rlhf.data import load_prompts
+    from rlhf.data import check_chat_markup, load_prompts
     from rlhf.evaluate.devices import pick_device
     from rlhf.evaluate.rm import load_reward_model
     from rlhf.manifest import atomic_write, read_manifest
     from rlhf.models import load_stage_output, stage_tokenizer
 
     device = pick_device(args.device)  # a device this machine lacks fails before anything loads
-    prompts = [record["prompt"] for record in load_prompts(args.prompts, args.split)][: args.max_samples]
+    records = load_prompts(args.prompts, args.split)[: args.max_samples]
+    prompts = [record["prompt"] for record in records]
     model_args = ModelArgs(dtype=args.dtype, trust_remote_code=args.trust_remote_code)
     manifests = {path: read_manifest(path) for path in args.policy}
     first = manifests[args.policy[0]]
@@ -347,9 +348,10 @@ def main(argv: list[str] | None = None) -> dict:
                                               args.trust_manifest_gold_reward,
                                               str(Path(args.policy[0]) / "manifest.json"))
     gold = load_gold_reward(gold_spec) if gold_spec else None  # fail on a bad spec before loading any model
+    tokenizer = stage_tokenizer(first, model_args)
+    check_chat_markup(records, tokenizer, args.prompts, "prompt")  # text already templated would be templated again
 
     policies = {path: load_stage_output(manifest, model_args).to(device).eval() for path, manifest in manifests.items()}
-    tokenizer = stage_tokenizer(first, model_args)
     reference = (load_stage_output(read_manifest(reference_path), model_args).to(device).eval() if reference_path
                  else None)
     reward_model, reward_tokenizer = load_reward_model(args.reward_model, model_args) if args.reward_model else (None, None)

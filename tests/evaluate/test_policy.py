@@ -295,3 +295,20 @@ def test_plots_draw_only_what_was_scored(tmp_path):
     # A policy named like the reference keeps its own spot on the axis.
     scored["policies"] = {"runs/sft": scored["policies"]["runs/x/ppo"]}
     assert [name for name, _, _ in rows(scored, "sft")] == ["sft (reference)", "sft"]
+
+
+def test_eval_policy_refuses_prompts_already_in_chat_template_form_before_loading_a_model(tmp_path, monkeypatch):
+    import rlhf.models
+    from rlhf.data import DataError
+
+    fake_stage(tmp_path / "dpo", "dpo")
+    prompts = tmp_path / "templated.jsonl"
+    prompts.write_text(json.dumps({"prompt": "<|im_start|>user\nhi<|im_end|>"}) + "\n")
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("a model was loaded")
+
+    monkeypatch.setattr(rlhf.models, "load_stage_output", no_model)
+    with pytest.raises(DataError, match=r"templated\.jsonl line 1, field 'prompt': the user message holds "
+                                        r"'<\|im_start\|>'"):
+        eval_policy_main(["--policy", str(tmp_path / "dpo"), "--prompts", str(prompts), "--out", str(tmp_path / "e")])
